@@ -1,0 +1,79 @@
+"""Command line: ``python -m ddp_train [train] [--config PATH] [key=value ...]``.
+
+Under ``torchrun`` or ``srun`` every rank runs this. The config is parsed and validated on
+every rank before any process group starts, so a bad config exits all ranks with code 2 and
+one line on stderr (from rank 0), never a hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .config import ConfigError, UserError, describe_keys, load_config, validate_for_world
+from .distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
+
+USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
+  torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ddp_train",
+        usage=USAGE,
+        description="Train an image classifier with DDP (torchrun, SLURM srun) or on one process.",
+        epilog="config keys (set in the YAML file or as key=value):\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="PATH", help="YAML config file (see configs/); defaults apply without one")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=0.05")
+    return p
+
+
+def _fail(message: str, rank: int) -> int:
+    if rank == 0:
+        print(f"ddp_train: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    args = _parser().parse_args(argv)
+    env = environ()
+    try:
+        launch = detect_launch(env)
+    except LaunchError as e:
+        return _fail(str(e), 0)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, launch.world_size)
+    except ConfigError as e:
+        return _fail(str(e), launch.rank)
+
+    from .trainer import train  # heavy imports after the cheap checks
+
+    try:
+        ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
+    except LaunchError as e:
+        return _fail(str(e), launch.rank)
+    try:
+        train(cfg, ctx)
+    except PeerFailed:
+        return 2
+    except UserError as e:
+        if getattr(e, "report", True):  # one line for the job, not one per rank
+            print(f"ddp_train: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

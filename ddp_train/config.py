@@ -1,0 +1,359 @@
+"""Typed, documented, validated configuration.
+
+Config flows one way: defaults -> YAML file -> ``key=value`` overrides -> a validated
+:class:`Config`, which is then passed explicitly. Every field carries its documentation in
+``metadata["doc"]``; errors name the dotted key and the expected form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config key is unknown, has the wrong type or a bad value."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+DatasetName = Literal["synthetic", "fashion_mnist", "cifar10", "image_folder"]
+ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split, augmented and loaded."""
+
+    name: DatasetName = _f(
+        "synthetic",
+        "dataset: synthetic (built-in, generated from a fixed seed, offline), fashion_mnist "
+        "(IDX .gz files), cifar10 (torchvision), image_folder (ROOT/train/<class>/*, optional "
+        "val/ and test/)",
+    )
+    root: str | None = _f(
+        None,
+        "folder holding the data; null means the dataset's usual place "
+        "(/usr/share/datasets/fashion-mnist for fashion_mnist, ./data/cifar10 for cifar10)",
+    )
+    download: bool = _f(False, "cifar10 only: download the dataset into root when it is missing")
+    valid_fraction: float = _f(
+        0.2,
+        "fraction of the training set held out for validation, drawn with train.seed alone "
+        "(ignored by image_folder when it has a val/ folder)",
+    )
+    subset: int | None = _f(
+        None,
+        "use only the first N samples of the training set and of the test set (before the "
+        "train/valid split), for quick runs; null uses everything",
+    )
+    augment: bool = _f(
+        True,
+        "train-time augmentation: resize 1.25x, random-resized-crop (scale 0.64-1), "
+        "horizontal flip, cutout of half the image side (the notebook recipe)",
+    )
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 loads in the training process)")
+    image_size: int = _f(
+        32, "image_folder only: images are resized to this square size (in-memory datasets keep theirs)"
+    )
+    synthetic_size: int = _f(
+        20000, "synthetic only: number of training images generated (the test set is a fifth of it)"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The network."""
+
+    name: ModelName = _f("resnet18", "torchvision ResNet with the small-image 3x3 stem and no max-pool")
+    sync_bn: bool = _f(
+        True,
+        "synchronise batch-norm statistics over the global batch when world size > 1 "
+        "(torch.nn.SyncBatchNorm on CUDA, ddp_train's own on CPU/gloo)",
+    )
+    zero_init_residual: bool = _f(False, "zero-initialise the last BN of each residual branch")
+    channels_last: bool = _f(True, "use the channels_last memory format (faster on CUDA and on CPU)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    epochs: int = _f(10, "number of epochs")
+    batch_size: int = _f(
+        128,
+        "GLOBAL batch size, split evenly across ranks, so a config means the same optimisation "
+        "at any world size; must be divisible by the world size",
+    )
+    lr: float = _f(0.01, "peak learning rate (for the global batch)")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "sgd (with momentum) or adamw")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "SGD: use Nesterov momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    label_smoothing: float = _f(0.0, "label smoothing of the training loss (evaluation uses plain cross-entropy)")
+    scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = _f(
+        "step",
+        "learning-rate schedule: step (x lr_decay every lr_period epochs), plateau (x0.1 after "
+        "plateau_patience epochs without a lower valid loss), cosine (per step, after linear "
+        "warmup), onecycle (per step), none",
+    )
+    lr_period: int = _f(30, "step: epochs between decays")
+    lr_decay: float = _f(0.5, "step: decay factor")
+    plateau_patience: int = _f(10, "plateau: epochs without improvement before the lr drops")
+    warmup_epochs: float = _f(0.0, "cosine: linear warmup length in epochs (may be fractional)")
+    seed: int = _f(42, "seed of the model initialisation, the train/valid split and the sample order")
+    deterministic: bool = _f(
+        False, "deterministic algorithms (cudnn.deterministic, no benchmark); slower on GPU"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto",
+        "autocast precision: auto is bf16 on CUDA GPUs that support it and on CPUs with native "
+        "bf16 (AVX512-BF16/AMX), else fp32",
+    )
+    log_every_steps: int = _f(10, "log the global training loss to TensorBoard every N steps")
+
+
+@dataclass
+class DistConfig:
+    """Process group settings."""
+
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo otherwise")
+    timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait)")
+
+
+@dataclass
+class Config:
+    """Everything a run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    out_dir: str = _f("runs", "parent folder of run folders")
+    run_name: str | None = _f(
+        None, "run folder name under out_dir; null means <data.name>-<model.name>-<timestamp>"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "dist": DistConfig}
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _describe(tp: Any) -> str:
+    """Human form of a field type, for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field type ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return value
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _unknown(key: str, name: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}; valid keys in {where}: {', '.join(valid)}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Make a ``cls`` instance from a plain mapping, checking keys and types."""
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown(key, name, list(types_), prefix.rstrip(".") or "the top level")
+        section = SECTIONS.get(name) if not prefix else None
+        if section is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {name} keys, got {value!r}")
+            kwargs[name] = _build(section, value, f"{name}.")
+        else:
+            kwargs[name] = _coerce(key, value, types_[name])
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed value); values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.05)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key; write it as section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: keep the raw string, the type check will judge it
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], parts: list[str], value: Any, full: str) -> None:
+    node = base
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{full}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, train:, ...)")
+        raw = loaded
+    for text in overrides:
+        parts, value = parse_override(text)
+        _merge(raw, parts, value, text)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Raises ConfigError naming the key."""
+    d, t, dist = cfg.data, cfg.train, cfg.dist
+    _check(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "a number between 0 and 1 (exclusive)", d.valid_fraction)
+    _check(d.subset is None or d.subset >= 2, "data.subset", "null or an integer >= 2", d.subset)
+    _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _check(d.image_size >= 8, "data.image_size", "an integer >= 8", d.image_size)
+    _check(d.synthetic_size >= 10, "data.synthetic_size", "an integer >= 10", d.synthetic_size)
+    _check(d.name != "image_folder" or d.root is not None, "data.root",
+           "a folder with train/<class>/ images when data.name is image_folder", d.root)
+    _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _check(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _check(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
+    _check(t.lr_period >= 1, "train.lr_period", "an integer >= 1", t.lr_period)
+    _check(0 < t.lr_decay <= 1, "train.lr_decay", "a number in (0, 1]", t.lr_decay)
+    _check(t.plateau_patience >= 0, "train.plateau_patience", "an integer >= 0", t.plateau_patience)
+    _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "a number in [0, train.epochs)", t.warmup_epochs)
+    _check(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1", t.log_every_steps)
+    _check(dist.timeout_s >= 1, "dist.timeout_s", "an integer >= 1", dist.timeout_s)
+    _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
+    if cfg.run_name is not None:
+        _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),
+               "run_name", "a folder name without '/'", cfg.run_name)
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Checks that depend on the launch (known from the environment before any process group)."""
+    if cfg.train.batch_size % world_size != 0:
+        raise ConfigError(
+            f"train.batch_size: expected a multiple of the world size {world_size} (it is the global "
+            f"batch, split evenly across ranks), got {cfg.train.batch_size}"
+        )
+
+
+def describe_keys() -> str:
+    """Every key with its type, default and documentation (for --help and the README)."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS and not prefix:
+                continue
+            tp = _field_types(cls)[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {prefix}{f.name} = {yaml.safe_dump(default).strip().removesuffix('...').strip()}"
+                         f"  ({_describe(tp)})\n      {f.metadata.get('doc', '')}")
+
+    walk(Config, "")
+    for name, cls in SECTIONS.items():
+        walk(cls, f"{name}.")
+    return "\n".join(lines)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

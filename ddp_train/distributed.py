@@ -1,0 +1,200 @@
+"""The distributed context: how the job was launched, and the collectives the loop uses.
+
+The launch is read from the environment exactly once (:func:`detect_launch`); everything
+downstream receives the resulting :class:`DistContext`. Collectives on a context without a
+process group are no-ops, so the training loop reads the same at any world size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+Launcher = Literal["torchrun", "slurm", "single"]
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the environment says about this process's place in the job."""
+
+    launcher: Launcher
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is inconsistent."""
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``node[03-05,9],gpu1`` -> ``node03``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LaunchError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise LaunchError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
+    """Read the launcher from environment variables (torchrun first, then a SLURM step)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(
+            "torchrun",
+            rank=_int(env, "RANK"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            world_size=_int(env, "WORLD_SIZE"),
+        )
+    # SLURM_STEP_ID exists only inside an `srun` step: a plain `python` in a batch script of a
+    # multi-task job must not wait for peers that were never started.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        ntasks_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        world = _int(env, ntasks_key)
+        if world > 1:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+            job_id = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+            # A port derived from the job id keeps two jobs sharing a node apart.
+            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job_id % 20000
+            return LaunchInfo(
+                "slurm",
+                rank=_int(env, "SLURM_PROCID"),
+                local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                world_size=world,
+                master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+                master_port=port,
+            )
+    return LaunchInfo("single")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, world size, device and the collectives; made once, passed down."""
+
+    launcher: Launcher
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None = None
+    data_parallel: bool = False  # single process driving several GPUs through nn.DataParallel
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group connects several ranks."""
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (returns it)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.all_reduce_sum(t).item() > 0)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Called on every rank after a step that may fail on some: if any rank failed, all stop.
+
+        The failing ranks re-raise their own errors (the lowest of them marked ``report=True``, so
+        one message is printed); the others raise :class:`PeerFailed`. This keeps a bad input on
+        one rank from leaving the others blocked in the next collective.
+        """
+        flags = torch.zeros(self.world_size, device=self.device)
+        flags[self.rank] = 1.0 if error is not None else 0.0
+        failed = self.all_reduce_sum(flags).nonzero().flatten().tolist()
+        if error is not None:
+            error.report = failed[0] == self.rank  # type: ignore[attr-defined]
+            raise error
+        if failed:
+            raise PeerFailed(f"rank {self.rank}: stopping because rank {failed[0]} reported an error")
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed; this one stops too."""
+
+
+def _pick_device(local_rank: int, cuda_ok: bool) -> torch.device:
+    if cuda_ok:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int = 600) -> DistContext:
+    """Start the process group (when there are several ranks) and pick the device."""
+    cuda_ok = torch.cuda.is_available()
+    if launch.launcher == "single":
+        gpus = torch.cuda.device_count() if cuda_ok else 0
+        return DistContext("single", 0, 0, 1, _pick_device(0, cuda_ok), None, data_parallel=gpus > 1)
+
+    device = _pick_device(launch.local_rank, cuda_ok)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise LaunchError("dist.backend: nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    if launch.world_size > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if launch.launcher == "torchrun":
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=timeout,
+            )
+    return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group cleanly."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment; the only place the launch variables are read."""
+    return os.environ

@@ -1,0 +1,69 @@
+"""Optimizer and learning-rate schedule from the train config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (the notebook's), or AdamW."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Schedule:
+    """One interface over per-step (cosine, onecycle) and per-epoch (step, plateau) schedules."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.kind = cfg.scheduler
+        self.optimizer = optimizer
+        total = cfg.epochs * steps_per_epoch
+        self.sched: Any = None
+        if self.kind == "step":
+            self.sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_period, gamma=cfg.lr_decay)
+        elif self.kind == "plateau":
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
+                                                                    patience=cfg.plateau_patience)
+        elif self.kind == "cosine":
+            warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+            self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif self.kind == "onecycle":
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step_batch(self) -> None:
+        """After every optimizer step."""
+        if self.kind in ("cosine", "onecycle"):
+            self.sched.step()
+
+    def step_epoch(self, valid_loss: float) -> None:
+        """After every epoch's validation."""
+        if self.kind == "step":
+            self.sched.step()
+        elif self.kind == "plateau":
+            self.sched.step(valid_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sched.state_dict() if self.sched is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.sched is not None:
+            self.sched.load_state_dict(state)
