@@ -1,65 +1,107 @@
 """Synchronised batch norm that also runs on CPU/gloo.
 
-``torch.nn.SyncBatchNorm`` refuses CPU tensors, so on CPU the batch statistics are summed
-across ranks here with the autograd-aware ``torch.distributed.nn.functional.all_reduce``:
-its backward all-reduces the gradients of the statistics, which is exactly the extra term
-the gradient of a globally-normalised batch needs. Parameter and buffer names match
-``nn.BatchNorm2d`` so state dicts load into a plain model.
+``torch.nn.SyncBatchNorm`` refuses CPU tensors, and the CUDA-only kernels it is built on
+(``batch_norm_stats`` and friends) have no CPU version. This module does the same maths with
+kernels that exist on CPU:
+
+- forward: per-rank mean and variance (``batch_norm_update_stats``, fp32 even for bf16 input),
+  one all-reduce of [sum, sum of squares, count], then the fused inference-mode
+  ``native_batch_norm`` with the global statistics;
+- backward: the fused ``native_batch_norm_backward`` gives the local sums of dy and dy*x_hat in
+  one pass, one all-reduce makes them global, and the input gradient gets the two
+  global-mean correction terms that normalising over the whole batch adds.
+
+Parameter and buffer names match ``nn.BatchNorm2d`` so state dicts load into a plain model.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 from torch import nn
 
 
+class _SyncBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
+                eps: float, group: Any) -> torch.Tensor:
+        c = x.size(1)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        # fp32 scratch buffers select the fp32-statistics kernel for bf16/fp16 input; momentum 0 leaves them alone.
+        mean, var = torch.batch_norm_update_stats(x, torch.zeros(c, **f32), torch.ones(c, **f32), 0.0)
+        n = float(x.numel() // c)
+        stats = torch.cat([mean * n, (var + mean * mean) * n, torch.full((1,), n, **f32)])
+        dist.all_reduce(stats, group=group)
+        count = stats[2 * c]
+        gmean = stats[:c] / count
+        gvar = (stats[c : 2 * c] / count - gmean * gmean).clamp_min(0.0)
+        if running_mean is not None and running_var is not None:
+            unbiased = gvar * (count / (count - 1.0).clamp_min(1.0))
+            running_mean.mul_(1 - momentum).add_(gmean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        y = torch.native_batch_norm(x, weight, bias, gmean, gvar, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, weight, gmean, gvar, count)
+        ctx.eps, ctx.group = eps, group
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, gmean, gvar, count = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                           else torch.contiguous_format)
+        # Inference-mode backward: grad_in = dy * w * invstd, grad_w = sum(dy * x_hat), grad_b = sum(dy), all local.
+        grad_in, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, gmean, gvar, None, None, False, ctx.eps, [True, True, True])
+        sums = torch.cat([sum_dy.float(), sum_dy_xhat.float()])
+        dist.all_reduce(sums, group=ctx.group)
+        c = x.size(1)
+        invstd = torch.rsqrt(gvar + ctx.eps)
+        k = invstd * (weight.float() if weight is not None else 1.0)
+        mean_dy, mean_dy_xhat = sums[:c] / count, sums[c:] / count
+        # grad_x = k * (dy - mean_dy - x_hat * mean_dy_xhat), with x_hat = (x - mean) * invstd.
+        shape = [1, c] + [1] * (x.dim() - 2)
+        b = (-k * invstd * mean_dy_xhat).view(shape).to(x.dtype)
+        a = (-k * mean_dy + k * invstd * gmean * mean_dy_xhat).view(shape).to(x.dtype)
+        grad_x = grad_in.addcmul_(x, b).add_(a)
+        # Parameter gradients stay local: DDP averages them over ranks like any other.
+        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch: statistics summed over every rank of the default group."""
+    """BatchNorm over the global batch: statistics summed over every rank of ``process_group``.
+
+    Outside training, or without several ranks, it is plain batch norm (no collective).
+    """
+
+    process_group: Any = None  # None: the default group
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input, got {input.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1):
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        local_count = x.numel() // x.size(1)
-        # One collective for [sum, sum of squares, count] per channel.
-        stats = torch.cat([
-            xf.sum(dims),
-            (xf * xf).sum(dims),
-            torch.full((1,), float(local_count), device=x.device, dtype=torch.float32),
-        ])
-        stats = dist_fn.all_reduce(stats)
-        c = x.size(1)
-        count = stats[2 * c]
-        mean = stats[:c] / count
-        var = (stats[c : 2 * c] / count - mean * mean).clamp_min(0.0)  # biased, as BN normalises
-
-        with torch.no_grad():
-            if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-                self.num_batches_tracked.add_(1)  # type: ignore[operator]
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (count / (count - 1.0).clamp_min(1.0))
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        momentum = 0.0
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)  # type: ignore[operator,union-attr]
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        running = self.track_running_stats
+        return _SyncBatchNormFn.apply(x, self.weight, self.bias, self.running_mean if running else None,
+                                      self.running_var if running else None, momentum, self.eps, self.process_group)
 
     @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
+    def convert(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
         """Replace every BatchNorm layer of ``module`` (recursively) by this class."""
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.process_group = process_group
             with torch.no_grad():
                 if module.affine:
                     new.weight.copy_(module.weight)
@@ -70,7 +112,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                     new.num_batches_tracked.copy_(module.num_batches_tracked)
             return new
         for name, child in module.named_children():
-            module.add_module(name, cls.convert(child))
+            module.add_module(name, cls.convert(child, process_group))
         return module
 
 
