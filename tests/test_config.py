@@ -13,14 +13,14 @@ from .helpers import run_cli
 
 def test_precedence_defaults_then_file_then_overrides(tmp_path):
     cfg = load_config()
-    assert cfg.train.lr == 0.01 and cfg.data.valid_fraction == 0.2 and cfg.data.subset is None
+    assert cfg.train.lr == 0.003 and cfg.data.valid_fraction == 0.2 and cfg.data.subset is None
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 0.2\n  epochs: 3\ndata:\n  name: fashion_mnist\n")
+    f.write_text("train:\n  lr: 0.2\n  epochs: 7\ndata:\n  name: fashion_mnist\n")
     cfg = load_config(f)
-    assert (cfg.train.lr, cfg.train.epochs, cfg.data.name) == (0.2, 3, "fashion_mnist")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.data.name) == (0.2, 7, "fashion_mnist")
     assert cfg.train.batch_size == Config().train.batch_size  # untouched keys keep defaults
     cfg = load_config(f, ["train.lr=0.05", "data.subset=100", "run_name=x", "data.root=null"])
-    assert (cfg.train.lr, cfg.train.epochs, cfg.data.subset, cfg.run_name, cfg.data.root) == (0.05, 3, 100, "x", None)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.data.subset, cfg.run_name, cfg.data.root) == (0.05, 7, 100, "x", None)
     assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)  # ints widen to float
 
 
@@ -32,6 +32,8 @@ def test_shipped_configs_load():
     assert {"default.yaml", "cifar10_resnet18.yaml", "fashion_mnist_resnet18.yaml"} <= names
     for p in configs:
         load_config(p)
+    # configs/default.yaml spells out exactly what runs without --config.
+    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config()
     recipe = load_config(Path(__file__).parents[1] / "configs" / "cifar10_resnet18.yaml")
     t = recipe.train
     assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.scheduler, t.lr_period, t.lr_decay, t.batch_size) == (
