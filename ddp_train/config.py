@@ -252,12 +252,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _merge(base: dict[str, Any], parts: list[str], value: Any, full: str) -> None:
+    if len(parts) > 2:
+        raise ConfigError(f"override '{full}': keys have at most two parts, section.key (e.g. train.lr=0.05)")
     node = base
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{full}': '{part}' is not a section")
-        node = child
+    if len(parts) == 2:
+        node = base.setdefault(parts[0], {})
+        if not isinstance(node, dict) or (parts[0] not in SECTIONS and parts[0] in _field_types(Config)):
+            raise ConfigError(f"override '{full}': '{parts[0]}' is not a section")
     node[parts[-1]] = value
 
 

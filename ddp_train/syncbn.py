@@ -5,8 +5,8 @@
 kernels that exist on CPU:
 
 - forward: per-rank mean and variance (``batch_norm_update_stats``, fp32 even for bf16 input),
-  one all-reduce of [sum, sum of squares, count], then the fused inference-mode
-  ``native_batch_norm`` with the global statistics;
+  one all-gather of [count, mean, var], combined without cancellation, then the fused
+  inference-mode ``native_batch_norm`` with the global statistics;
 - backward: the fused ``native_batch_norm_backward`` gives the local sums of dy and dy*x_hat in
   one pass, one all-reduce makes them global, and the input gradient gets the two
   global-mean correction terms that normalising over the whole batch adds.
@@ -32,12 +32,16 @@ class _SyncBatchNormFn(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         # fp32 scratch buffers select the fp32-statistics kernel for bf16/fp16 input; momentum 0 leaves them alone.
         mean, var = torch.batch_norm_update_stats(x, torch.zeros(c, **f32), torch.ones(c, **f32), 0.0)
-        n = float(x.numel() // c)
-        stats = torch.cat([mean * n, (var + mean * mean) * n, torch.full((1,), n, **f32)])
-        dist.all_reduce(stats, group=group)
-        count = stats[2 * c]
-        gmean = stats[:c] / count
-        gvar = (stats[c : 2 * c] / count - gmean * gmean).clamp_min(0.0)
+        # Gather each rank's (count, mean, var) and combine them as torch's CUDA SyncBN does:
+        # var = sum n_r (var_r + (mean_r - mean)^2) / N avoids the cancellation of E[x^2] - mean^2.
+        local = torch.cat([torch.full((1,), float(x.numel() // c), **f32), mean, var])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        table = torch.stack(gathered)
+        counts, means, vars_ = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
+        count = counts.sum()
+        gmean = (counts * means).sum(0) / count
+        gvar = (counts * (vars_ + (means - gmean) ** 2)).sum(0) / count
         if running_mean is not None and running_var is not None:
             unbiased = gvar * (count / (count - 1.0).clamp_min(1.0))
             running_mean.mul_(1 - momentum).add_(gmean.to(running_mean.dtype), alpha=momentum)
@@ -61,11 +65,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
         invstd = torch.rsqrt(gvar + ctx.eps)
         k = invstd * (weight.float() if weight is not None else 1.0)
         mean_dy, mean_dy_xhat = sums[:c] / count, sums[c:] / count
-        # grad_x = k * (dy - mean_dy - x_hat * mean_dy_xhat), with x_hat = (x - mean) * invstd.
+        # grad_x = k * (dy - mean_dy - x_hat * mean_dy_xhat), with x_hat = (x - mean) * invstd. Subtract
+        # the mean from x before scaling: folding it into a constant cancels badly when |mean| >> std
+        # (measured: 1.4% gradient error on real images after ReLU).
         shape = [1, c] + [1] * (x.dim() - 2)
-        b = (-k * invstd * mean_dy_xhat).view(shape).to(x.dtype)
-        a = (-k * mean_dy + k * invstd * gmean * mean_dy_xhat).view(shape).to(x.dtype)
-        grad_x = grad_in.addcmul_(x, b).add_(a)
+        xmu = x - gmean.view(shape).to(x.dtype)
+        scale = (-k * invstd * mean_dy_xhat).view(shape).to(x.dtype)
+        grad_x = grad_in.addcmul_(xmu, scale).sub_((k * mean_dy).view(shape).to(x.dtype))
         # Parameter gradients stay local: DDP averages them over ranks like any other.
         grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.needs_input_grad[2] else None

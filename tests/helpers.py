@@ -18,7 +18,7 @@ FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # Tiny, fast, exact settings shared by the end-to-end tests.
 TINY = [
     "data.synthetic_size=200", "data.num_workers=0", "train.batch_size=32", "train.epochs=2",
-    "train.precision=fp32", "train.lr=0.05", "train.scheduler=cosine", "model.channels_last=false",
+    "train.precision=fp32", "train.optimizer=sgd", "train.lr=0.002", "train.scheduler=cosine", "model.channels_last=false",
 ]
 
 

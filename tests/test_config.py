@@ -62,7 +62,8 @@ def test_round_trip_through_dict():
         (["train"], "override 'train' is not of the form key=value"),
         (["=3"], "empty key"),
         (["train=3"], "train: expected a mapping of train keys, got 3"),
-        (["train.lr.x=3"], "'lr' is not a section"),
+        (["train.lr.x=3"], "keys have at most two parts"),
+        (["out_dir.x=3"], "'out_dir' is not a section"),
     ],
 )
 def test_errors_name_the_key_and_the_expected_form(overrides, message):
