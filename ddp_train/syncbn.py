@@ -65,9 +65,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         invstd = torch.rsqrt(gvar + ctx.eps)
         k = invstd * (weight.float() if weight is not None else 1.0)
         mean_dy, mean_dy_xhat = sums[:c] / count, sums[c:] / count
-        # grad_x = k * (dy - mean_dy - x_hat * mean_dy_xhat), with x_hat = (x - mean) * invstd. Subtract
-        # the mean from x before scaling: folding it into a constant cancels badly when |mean| >> std
-        # (measured: 1.4% gradient error on real images after ReLU).
+        # grad_x = k * (dy - mean_dy - x_hat * mean_dy_xhat), with x_hat = (x - mean) * invstd. The mean
+        # is subtracted from x first: folding it into a per-channel constant would cancel when |mean| >> std.
         shape = [1, c] + [1] * (x.dim() - 2)
         xmu = x - gmean.view(shape).to(x.dtype)
         scale = (-k * invstd * mean_dy_xhat).view(shape).to(x.dtype)
