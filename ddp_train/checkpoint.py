@@ -9,10 +9,13 @@ works and a crafted pickle cannot run code.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import UserError
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -50,11 +53,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class Checkpointer:
-    """Writes ``last.pt``, ``best.pt`` and ``model.pth`` under ``folder``; a no-op when not enabled."""
+class CheckpointError(UserError):
+    """No usable checkpoint where one is required."""
 
-    def __init__(self, folder: Path, enabled: bool) -> None:
-        self.folder, self.enabled = Path(folder), enabled
+
+STEP_GLOB = "step-*.pt"
+
+
+def step_file(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step-{step:08d}.pt"
+
+
+def _link(target: Path, name: Path) -> None:
+    """Point ``name`` at ``target``'s data (a hard link), replacing ``name`` atomically."""
+    tmp = name.with_name(f".{name.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    os.link(target, tmp)
+    os.replace(tmp, name)
+
+
+class Checkpointer:
+    """Full checkpoints ``step-<global step>.pt`` under ``folder``; a no-op when not enabled.
+
+    ``last.pt`` and ``best.pt`` are hard links to step files (no second write of the same bytes),
+    ``model.pth`` holds the best plain weights. Only the newest ``keep`` step files are kept; a
+    pruned step file that ``best.pt`` still names lives on through that link.
+    """
+
+    def __init__(self, folder: Path, enabled: bool, keep: int = 2) -> None:
+        self.folder, self.enabled, self.keep = Path(folder), enabled, keep
 
     @property
     def last(self) -> Path:
@@ -68,11 +96,57 @@ class Checkpointer:
     def weights(self) -> Path:
         return self.folder / "model.pth"
 
-    def save(self, state: dict[str, Any], improved: bool) -> None:
-        """``last.pt`` always; ``best.pt`` and the plain weights ``model.pth`` when ``improved``."""
+    def save(self, state: dict[str, Any], step: int, improved: bool = False) -> Path:
+        """Write the step file, point ``last.pt`` (and ``best.pt`` and ``model.pth`` when ``improved``) at it."""
+        path = step_file(self.folder, step)
         if not self.enabled:
-            return
-        atomic_save(state, self.last)
+            return path
+        atomic_save(state, path)
+        _link(path, self.last)
         if improved:
-            atomic_save(state, self.best)
+            _link(path, self.best)
             atomic_save(state["model"], self.weights)
+        for old in sorted(self.folder.glob(STEP_GLOB))[: -self.keep]:
+            old.unlink()
+        return path
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(checkpoint, "") or (None, why it cannot be used)."""
+    try:
+        state = load_checkpoint(path)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"refused: not a plain checkpoint (weights_only load failed: {first[:120]})"
+    except Exception as e:  # truncated zip, garbage, empty file: all mean "damaged"
+        return None, f"damaged ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else 'empty'})"
+    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+        return None, "damaged (not a ddp_train checkpoint: no model/global_step)"
+    return state, ""
+
+
+def newest_valid(folder: Path, report: Any = print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable step checkpoint in ``folder``, skipping damaged ones with one line each.
+
+    Returns None when there is no step checkpoint at all; raises CheckpointError when there are
+    some but none can be used.
+    """
+    candidates = sorted(Path(folder).glob(STEP_GLOB), key=_step_of, reverse=True)
+    reasons = []
+    for path in candidates:
+        state, why = try_load(path)
+        if state is not None:
+            return path, state
+        reasons.append(f"{path.name}: {why}")
+        report(f"ddp_train: checkpoint {path} is {why}; trying the previous one")
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {folder} ({'; '.join(reasons)}); "
+                              f"move the run folder away to start fresh, or pass resume=PATH")
+    return None

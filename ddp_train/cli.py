@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e), launch.rank)
 
+    from .signals import EXIT_CHECKPOINTED, Preempted
     from .trainer import train  # heavy imports after the cheap checks
 
     try:
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), launch.rank)
     try:
         train(cfg, ctx)
+    except Preempted as e:
+        if ctx.is_main:
+            print(f"ddp_train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINTED
     except PeerFailed:
         return 2
     except UserError as e:

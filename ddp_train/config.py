@@ -140,6 +140,14 @@ class DistConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When full checkpoints are written and how many are kept."""
+
+    every_steps: int = _f(0, "also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends)")
+    keep: int = _f(2, "keep the newest N step checkpoints (best.pt is kept besides)")
+
+
+@dataclass
 class Config:
     """Everything a run needs. The defaults are the offline demo run (configs/default.yaml):
     ResNet-18 on the synthetic dataset, 3 epochs, about 2 minutes on 2 CPU cores."""
@@ -148,9 +156,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out_dir: str = _f("runs", "parent folder of run folders")
     run_name: str | None = _f(
-        None, "run folder name under out_dir; null means <data.name>-<model.name>-<timestamp>"
+        None,
+        "run folder name under out_dir; null means <data.name>-<model.name>-<timestamp>, or "
+        "<data.name>-<model.name>-<torchelastic run id> under torchrun with --max-restarts",
+    )
+    resume: str | None = _f(
+        None,
+        "null: start fresh (an existing run folder is refused); auto: continue from the newest "
+        "valid checkpoint in the run folder, or start fresh when it has none; or a checkpoint path",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +174,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "dist": DistConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "dist": DistConfig,
+                             "checkpoint": CheckpointConfig}
 
 
 # --------------------------------------------------------------------------- types
@@ -322,6 +339,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "a number in [0, train.epochs)", t.warmup_epochs)
     _check(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1", t.log_every_steps)
     _check(dist.timeout_s >= 1, "dist.timeout_s", "an integer >= 1", dist.timeout_s)
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", cfg.checkpoint.every_steps)
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
+    _check(cfg.resume is None or cfg.resume == "auto" or cfg.resume.endswith((".pt", ".pth")), "resume",
+           "null, auto, or the path of a .pt checkpoint", cfg.resume)
     _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
     if cfg.run_name is not None:
         _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),

@@ -30,6 +30,8 @@ class LaunchInfo:
     world_size: int = 1
     master_addr: str | None = None
     master_port: int | None = None
+    restart_count: int = 0  # > 0 when torchrun or SLURM restarted this job: it must resume
+    run_id: str | None = None  # an id stable across restarts (torchrun's rendezvous id), if any
 
 
 class LaunchError(RuntimeError):
@@ -56,12 +58,18 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     """Read the launcher from environment variables (torchrun first, then a SLURM step)."""
+    restarts = max([_int(env, k) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT") if k in env], default=0)
     if "RANK" in env and "WORLD_SIZE" in env:
+        run_id = env.get("TORCHELASTIC_RUN_ID")
+        # torchrun's rendezvous id names the job across its restarts, but only when restarts are on.
+        stable = run_id not in (None, "", "none") and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
         return LaunchInfo(
             "torchrun",
             rank=_int(env, "RANK"),
             local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
             world_size=_int(env, "WORLD_SIZE"),
+            restart_count=restarts,
+            run_id=run_id if stable else None,
         )
     # SLURM_STEP_ID exists only inside an `srun` step: a plain `python` in a batch script of a
     # multi-task job must not wait for peers that were never started.
@@ -80,8 +88,9 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
                 world_size=world,
                 master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
                 master_port=port,
+                restart_count=restarts,
             )
-    return LaunchInfo("single")
+    return LaunchInfo("single", restart_count=restarts)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class DistContext:
     device: torch.device
     backend: str | None = None
     data_parallel: bool = False  # single process driving several GPUs through nn.DataParallel
+    restart_count: int = 0
+    run_id: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -125,6 +136,14 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, indexed by rank, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
@@ -165,7 +184,8 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
     cuda_ok = torch.cuda.is_available()
     if launch.launcher == "single":
         gpus = torch.cuda.device_count() if cuda_ok else 0
-        return DistContext("single", 0, 0, 1, _pick_device(0, cuda_ok), None, data_parallel=gpus > 1)
+        return DistContext("single", 0, 0, 1, _pick_device(0, cuda_ok), None, data_parallel=gpus > 1,
+                           restart_count=launch.restart_count)
 
     device = _pick_device(launch.local_rank, cuda_ok)
     if device.type == "cuda":
@@ -186,7 +206,8 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
                 world_size=launch.world_size,
                 timeout=timeout,
             )
-    return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend)
+    return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
+                       restart_count=launch.restart_count, run_id=launch.run_id)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -61,14 +61,17 @@ class Batcher:
 
 @dataclass
 class TrainResult:
-    loss: float  # mean training loss over the epoch's global samples
-    samples: int  # global samples seen
-    seconds: float
-    steps: int
+    loss: float  # mean training loss over the epoch's global samples (restored partial sums included)
+    samples: int  # global samples in the epoch so far
+    seconds: float  # time spent in this call
+    new_samples: int  # global samples processed in this call
 
     @property
     def img_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        return self.new_samples / self.seconds if self.seconds > 0 else 0.0
+
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
 def train_one_epoch(
@@ -80,17 +83,22 @@ def train_one_epoch(
     batcher: Batcher,
     amp_dtype: torch.dtype | None,
     label_smoothing: float = 0.0,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_step: StepHook | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    start_step: int = 0,
+    start_partial: tuple[float, int] = (0.0, 0),
 ) -> TrainResult:
-    """One pass over this rank's shard. ``on_step(i, loss)`` runs on every rank after each step.
+    """One pass over this rank's shard (from ``start_step`` when resuming mid-epoch).
 
-    Losses are summed on the device; the host reads them once, at the end (no per-step sync).
+    ``on_step(steps_done, loss, loss_sum, samples)`` runs on every rank after each optimizer
+    step, with this rank's running sums (what a mid-epoch checkpoint must keep). Losses are
+    summed on the device; the host reads them once, at the end (no per-step sync).
     """
     model.train()
-    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    samples = 0
-    steps = 0
+    loss_sum = torch.tensor(start_partial[0], device=ctx.device, dtype=torch.float64)
+    samples = start_partial[1]
+    new_samples = 0
+    steps = start_step
     start = time.perf_counter()
     for images, labels in progress(loader):
         images, labels = batcher(images, labels)
@@ -103,14 +111,17 @@ def train_one_epoch(
         schedule.step_batch()
         loss_sum += loss.detach().double() * labels.numel()
         samples += labels.numel()
-        if on_step is not None:
-            on_step(steps, loss.detach())
+        new_samples += labels.numel()
         steps += 1
-    totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(samples), device=ctx.device,
-                                                                     dtype=torch.float64)]))
+        if on_step is not None:
+            on_step(steps, loss.detach(), loss_sum, samples)
+    totals = ctx.all_reduce_sum(torch.stack([
+        loss_sum, torch.tensor(float(samples), device=ctx.device, dtype=torch.float64),
+        torch.tensor(float(new_samples), device=ctx.device, dtype=torch.float64)]))
     seconds = time.perf_counter() - start
     global_samples = int(totals[1].item())
-    return TrainResult(float(totals[0].item()) / max(global_samples, 1), global_samples, seconds, steps)
+    return TrainResult(float(totals[0].item()) / max(global_samples, 1), global_samples, seconds,
+                       int(totals[2].item()))
 
 
 @dataclass

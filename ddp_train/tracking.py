@@ -50,7 +50,7 @@ class NullTracker:
 class Tracker(NullTracker):
     """Rank 0's tracker: prints, keeps ``metrics.json`` and one TensorBoard event stream in ``tb/``."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.json"
@@ -60,7 +60,8 @@ class Tracker(NullTracker):
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            # On resume, purge_step hides points the interrupted process logged after its checkpoint.
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def info(self, message: str) -> None:
         print(message, flush=True)
@@ -70,8 +71,7 @@ class Tracker(NullTracker):
             self.writer.add_scalar(tag, value, step)
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
-        """One epoch's record: a console line, a metrics.json row, TensorBoard points at ``step``."""
-        self.history.append(record)
+        """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard at ``step``."""
         self._write_metrics()
         for tag, key in (("train/loss_epoch", "train_loss"), ("valid/loss", "valid_loss"),
                          ("valid/acc", "valid_acc"), ("lr", "lr"), ("throughput/img_per_s", "img_per_s")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import Checkpointer, atomic_write_text
+from .checkpoint import CheckpointError, Checkpointer, atomic_write_text, newest_valid, try_load
 from .config import Config, UserError, dump_yaml
 from .data import DataBundle, Dataset, build_data, load_dataset
 from .distributed import DistContext
 from .engine import Batcher, autocast_dtype, evaluate, train_one_epoch
 from .models import build_model
 from .optim import Schedule, build_optimizer
-from .seeding import rank_seed, seed_all, set_determinism
+from .seeding import get_rng_state, rank_seed, seed_all, set_determinism, set_rng_state
+from .signals import Preempted, StopFlag
 from .syncbn import convert_sync_batchnorm
 from .tracking import NullTracker, Tracker
 
@@ -49,17 +51,26 @@ def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
     return dataset
 
 
-def prepare_run_dir(cfg: Config, ctx: DistContext) -> Path:
+def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> Path:
     """Rank 0 names and creates the run folder and proves it writable, before any training."""
-    name = cfg.run_name or f"{cfg.data.name}-{cfg.model.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.run_name
+    if name is None and ctx.run_id:
+        name = f"{cfg.data.name}-{cfg.model.name}-{ctx.run_id}"  # the same folder after a torchrun restart
+    elif name is None and resume == "auto":
+        name = ""  # reported below: auto needs to know which folder to continue
+    elif name is None:
+        name = f"{cfg.data.name}-{cfg.model.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     name = ctx.broadcast_object(name)  # ranks may start a second apart: rank 0's timestamp wins
     run_dir = Path(cfg.out_dir) / name
     error: UserError | None = None
     if ctx.is_main:
         try:
-            if (run_dir / "checkpoints" / "last.pt").exists():
-                raise UserError(f"run folder {run_dir} already holds a run (checkpoints/last.pt); "
-                                f"choose another run_name, or move the old run away")
+            if not name:
+                raise UserError("resume=auto: set run_name to the run folder to continue")
+            held = (run_dir / "checkpoints" / "last.pt").exists() or any((run_dir / "checkpoints").glob("step-*.pt"))
+            if held and resume is None:
+                raise UserError(f"run folder {run_dir} already holds a run (checkpoints/); continue it with "
+                                f"resume=auto, or choose another run_name")
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             # The config is the test write: an unwritable or full out_dir fails here, not after an hour.
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -70,6 +81,43 @@ def prepare_run_dir(cfg: Config, ctx: DistContext) -> Path:
             error = e
     ctx.agree(error)
     return run_dir
+
+
+def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> dict[str, Any] | None:
+    """The checkpoint to continue from (same on every rank), or None to start fresh.
+
+    Rank 0 chooses (skipping damaged files with one line each) and broadcasts the path; every
+    rank then loads it. Loads use ``weights_only=True``: a crafted pickle is refused, never run.
+    """
+    if resume is None:
+        return None
+    chosen: str | None = None
+    state: dict[str, Any] | None = None
+    error: UserError | None = None
+    if ctx.is_main:
+        try:
+            if resume == "auto":
+                found = newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
+                if found is not None:
+                    chosen, state = str(found[0]), found[1]
+            else:
+                if not Path(resume).is_file():
+                    raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
+                state, why = try_load(Path(resume))
+                if state is None:
+                    raise CheckpointError(f"resume: {resume} is {why}")
+                chosen = resume
+        except UserError as e:
+            error = e
+    ctx.agree(error)
+    chosen = ctx.broadcast_object(chosen)
+    if chosen is None:
+        return None
+    if not ctx.is_main:
+        state, why = try_load(Path(chosen))
+        error = None if state is not None else CheckpointError(f"rank {ctx.rank}: cannot read {chosen}: {why}")
+    ctx.agree(error)
+    return state
 
 
 def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
@@ -90,13 +138,13 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext) -> tup
 
 
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    """Train, validate every epoch, checkpoint, then test the best weights. Returns metrics.json's content."""
+    """Train, validate every epoch, checkpoint, then test the best weights. Returns metrics.json's content.
+
+    Raises :class:`Preempted` on every rank after a stop signal, once the checkpoint is written.
+    """
     set_determinism(cfg.train.deterministic)
-    run_dir = prepare_run_dir(cfg, ctx)
-    tracker = Tracker(run_dir) if ctx.is_main else NullTracker()
-    if ctx.data_parallel:
-        tracker.info(f"{torch.cuda.device_count()} GPUs visible without torchrun: using nn.DataParallel. "
-                     f"torchrun --nproc_per_node={torch.cuda.device_count()} -m ddp_train is faster.")
+    resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
+    run_dir = prepare_run_dir(cfg, ctx, resume)
     dataset = load_dataset_agreed(cfg, ctx)
     data, error = _attempt(build_data, dataset, cfg, ctx)
     ctx.agree(error)
@@ -105,12 +153,37 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     model, model_without_ddp = build_training_model(cfg, dataset, ctx)
     seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
     optimizer = build_optimizer(model, cfg.train)
-    schedule = Schedule(optimizer, cfg.train, steps_per_epoch=len(data.train))
+    steps_per_epoch = len(data.train)
+    schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg.train.precision, ctx.device)
     batcher = Batcher(ctx.device, cfg.model.channels_last)
-    checkpointer = Checkpointer(run_dir / "checkpoints", enabled=ctx.is_main)
+    checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep)
     num_classes = len(dataset.classes)
+    sampler = data.train.sampler
+    per_rank_batch = cfg.train.batch_size // ctx.world_size
 
+    ckpt = load_resume_checkpoint(resume, run_dir, ctx)
+    epoch, step_in_epoch, best_loss, history = 0, 0, float("inf"), []
+    partial = (0.0, 0)
+    epoch_lr: float | None = None  # the lr an interrupted epoch started with (its metrics report that)
+    if ckpt is not None:
+        model_without_ddp.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["scheduler"])
+        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        best_loss, history = ckpt["best_valid_loss"], list(ckpt["history"])
+        epoch_lr = ckpt["epoch_lr"] if step_in_epoch else None
+        if ckpt["world_size"] == ctx.world_size:
+            set_rng_state(ckpt["rng"][ctx.rank])
+            partial = tuple(ckpt["partial"][ctx.rank])  # type: ignore[assignment]
+        elif ctx.is_main:  # another world size: the epoch's running sums go to rank 0
+            partial = (sum(p[0] for p in ckpt["partial"]), sum(p[1] for p in ckpt["partial"]))
+
+    tracker = Tracker(run_dir, purge_step=ckpt["global_step"] if ckpt else None) if ctx.is_main else NullTracker()
+    tracker.history = history
+    if ctx.data_parallel:
+        tracker.info(f"{torch.cuda.device_count()} GPUs visible without torchrun: using nn.DataParallel. "
+                     f"torchrun --nproc_per_node={torch.cuda.device_count()} -m ddp_train is faster.")
     tracker.log_config(dump_yaml(cfg))
     tracker.info(
         f"run {run_dir} | {ctx.launcher} x{ctx.world_size} on {ctx.device} | {dataset.name}: "
@@ -118,58 +191,76 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         f"{len(data.test.dataset) if data.test else 0} test, {num_classes} classes | {cfg.model.name} | "
         f"{'bf16' if amp_dtype is not None else 'fp32'} | global batch {cfg.train.batch_size}"
     )
+    if ckpt is not None:
+        tracker.info(f"resumed from epoch {epoch + 1} step {step_in_epoch} (global step {ckpt['global_step']})"
+                     + (f", world size {ckpt['world_size']} -> {ctx.world_size}" if ckpt["world_size"] != ctx.world_size else ""))
 
-    best_loss = float("inf")
-    best_state: dict[str, torch.Tensor] | None = None
-    step = 0
-    for epoch in range(cfg.train.epochs):
-        data.train.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        epoch_start = time.perf_counter()
-        lr = schedule.lr
-
-        def on_step(i: int, loss: torch.Tensor, base: int = step) -> None:
-            # A collective, so it runs on every rank; only rank 0's tracker writes.
-            if (base + i) % cfg.train.log_every_steps == 0:
-                mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
-                tracker.scalar("train/loss", float(mean.item()), base + i)
-
-        result = train_one_epoch(
-            model, data.train, optimizer, schedule, ctx, batcher, amp_dtype, cfg.train.label_smoothing,
-            on_step, lambda it: tracker.progress(it, len(data.train), f"epoch {epoch + 1}/{cfg.train.epochs}"),
-        )
-        step += result.steps
-        valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
-        schedule.step_epoch(valid.loss)
-
-        improved = valid.loss <= best_loss  # the notebook saves on "<="
-        if improved:
-            tracker.info(f"Validation loss decreased ({best_loss:.6f} --> {valid.loss:.6f}).  Saving model ...")
-            best_loss = valid.loss
-            best_state = {k: v.detach().clone() for k, v in model_without_ddp.state_dict().items()}
-        record = {
-            "epoch": epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
-            "lr": lr, "img_per_s": result.img_per_s, "epoch_s": time.perf_counter() - epoch_start,
+    def save(epoch: int, step_in_epoch: int, partial: tuple[float, int], lr: float, improved: bool = False) -> Path:
+        """A full checkpoint; collective (every rank contributes its random state and running sums)."""
+        global_step = epoch * steps_per_epoch + step_in_epoch
+        partials = ctx.all_gather_object(partial)
+        rngs = ctx.all_gather_object(get_rng_state())
+        state = {
+            "format": 2, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "scaler": None, "best_valid_loss": best_loss,
+            "history": list(tracker.history), "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
+            "world_size": ctx.world_size, "partial": partials, "rng": rngs, "epoch_lr": lr,
         }
-        checkpointer.save(
-            {
-                "format": 1,
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": schedule.state_dict(),
-                "best_valid_loss": best_loss,
-                "history": tracker.history + [record],
-                "config": cfg.to_dict(),
-                "dataset": dataset_meta(dataset),
-            },
-            improved,
-        )
+        path = checkpointer.save(state, global_step, improved)
         ctx.barrier()  # nobody runs ahead while rank 0 writes
-        tracker.log_epoch(record, step)
+        return path
+
+    best_state: dict[str, torch.Tensor] | None = None
+    with StopFlag() as stop_flag:
+        while epoch < cfg.train.epochs:
+            sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+            sampler.skip = step_in_epoch * per_rank_batch  # type: ignore[attr-defined]
+            epoch_start = time.perf_counter()
+            lr = epoch_lr if epoch_lr is not None else schedule.lr
+            epoch_lr = None
+
+            def on_step(done: int, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int, e: int = epoch) -> None:
+                # Collectives: these run on every rank; only rank 0's tracker writes.
+                global_step = e * steps_per_epoch + done
+                if global_step % cfg.train.log_every_steps == 0:
+                    mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
+                    tracker.scalar("train/loss", float(mean.item()), global_step)
+                stop = ctx.any(stop_flag.signum is not None)  # all ranks stop after the same step
+                every = cfg.checkpoint.every_steps
+                if stop or (every and global_step % every == 0 and done < steps_per_epoch):
+                    path = save(e, done, (float(loss_sum.item()), samples), lr)
+                    if stop:
+                        raise Preempted(stop_flag.name or "a signal to another rank", str(path))
+
+            result = train_one_epoch(
+                model, data.train, optimizer, schedule, ctx, batcher, amp_dtype, cfg.train.label_smoothing,
+                on_step, lambda it, e=epoch: tracker.progress(it, len(data.train), f"epoch {e + 1}/{cfg.train.epochs}"),
+                start_step=step_in_epoch, start_partial=partial,
+            )
+            valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
+            schedule.step_epoch(valid.loss)
+            improved = valid.loss <= best_loss  # the notebook saves on "<="
+            if improved:
+                tracker.info(f"Validation loss decreased ({best_loss:.6f} --> {valid.loss:.6f}).  Saving model ...")
+                best_loss = valid.loss
+                best_state = {k: v.detach().clone() for k, v in model_without_ddp.state_dict().items()}
+            record = {
+                "epoch": epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
+                "lr": lr, "img_per_s": result.img_per_s, "epoch_s": time.perf_counter() - epoch_start,
+            }
+            tracker.history.append(record)
+            epoch, step_in_epoch, partial = epoch + 1, 0, (0.0, 0)
+            save(epoch, 0, partial, schedule.lr, improved)
+            tracker.log_epoch(record, epoch * steps_per_epoch)
+            if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop at the boundary
+                raise Preempted(stop_flag.name or "a signal to another rank", str(checkpointer.last))
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
+        if best_state is None and ckpt is not None:  # the best epoch was before the resume
+            best_ckpt, _ = try_load(checkpointer.best) if checkpointer.best.exists() else (None, "")
+            best_state = best_ckpt["model"] if best_ckpt else None
         if best_state is not None:
             model_without_ddp.load_state_dict(best_state)
         test = evaluate(model_without_ddp, data.test, ctx, batcher, amp_dtype, num_classes)
@@ -178,7 +269,8 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     else:
         tracker.info("no test split (image_folder without test/): skipping the test evaluation")
 
-    final = {"best_valid_loss": best_loss, "final_valid_acc": tracker.history[-1]["valid_acc"] if tracker.history else 0.0}
+    final = {"best_valid_loss": best_loss,
+             "final_valid_acc": tracker.history[-1]["valid_acc"] if tracker.history else 0.0}
     if test_metrics is not None:
         final.update({"test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"]})
     tracker.log_hparams(_hparams(cfg), {f"hparam/{k}": float(v) for k, v in final.items()})
