@@ -197,7 +197,13 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
     if launch.world_size > 1:
         timeout = datetime.timedelta(seconds=timeout_s)
         if launch.launcher == "torchrun":
-            dist.init_process_group(backend, timeout=timeout)
+            # torchrun keeps one key-value store across restarts (it shares its rendezvous store); a
+            # restarted group that reads the previous attempt's gloo/NCCL addresses from it fails to
+            # connect (pytorch issue 135712). A prefix per attempt keeps the attempts apart.
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
+            dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                    timeout=timeout)
         else:
             dist.init_process_group(
                 backend,

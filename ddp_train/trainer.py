@@ -83,8 +83,8 @@ def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> Path:
     return run_dir
 
 
-def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> dict[str, Any] | None:
-    """The checkpoint to continue from (same on every rank), or None to start fresh.
+def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint to continue from and its path (same on every rank), or None to start fresh.
 
     Rank 0 chooses (skipping damaged files with one line each) and broadcasts the path; every
     rank then loads it. Loads use ``weights_only=True``: a crafted pickle is refused, never run.
@@ -117,7 +117,19 @@ def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) 
         state, why = try_load(Path(chosen))
         error = None if state is not None else CheckpointError(f"rank {ctx.rank}: cannot read {chosen}: {why}")
     ctx.agree(error)
-    return state
+    assert state is not None
+    return state, Path(chosen)
+
+
+def find_best_weights(step: int, folders: list[Path]) -> dict[str, torch.Tensor] | None:
+    """The model of the checkpoint written at global ``step`` (the best epoch), from ``best.pt`` or its step file."""
+    for folder in folders:
+        for name in ("best.pt", f"step-{step:08d}.pt"):
+            if (folder / name).exists():
+                state, _ = try_load(folder / name)
+                if state is not None and state["global_step"] == step:
+                    return state["model"]
+    return None
 
 
 def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
@@ -162,8 +174,9 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     sampler = data.train.sampler
     per_rank_batch = cfg.train.batch_size // ctx.world_size
 
-    ckpt = load_resume_checkpoint(resume, run_dir, ctx)
-    epoch, step_in_epoch, best_loss, history = 0, 0, float("inf"), []
+    resumed = load_resume_checkpoint(resume, run_dir, ctx)
+    ckpt = resumed[0] if resumed else None
+    epoch, step_in_epoch, best_loss, best_step, history = 0, 0, float("inf"), -1, []
     partial = (0.0, 0)
     epoch_lr: float | None = None  # the lr an interrupted epoch started with (its metrics report that)
     if ckpt is not None:
@@ -171,7 +184,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        best_loss, history = ckpt["best_valid_loss"], list(ckpt["history"])
+        best_loss, best_step, history = ckpt["best_valid_loss"], ckpt["best_step"], list(ckpt["history"])
         epoch_lr = ckpt["epoch_lr"] if step_in_epoch else None
         if ckpt["world_size"] == ctx.world_size:
             set_rng_state(ckpt["rng"][ctx.rank])
@@ -203,7 +216,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         state = {
             "format": 2, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": None, "best_valid_loss": best_loss,
+            "scheduler": schedule.state_dict(), "scaler": None, "best_valid_loss": best_loss, "best_step": best_step,
             "history": list(tracker.history), "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
             "world_size": ctx.world_size, "partial": partials, "rng": rngs, "epoch_lr": lr,
         }
@@ -243,7 +256,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             improved = valid.loss <= best_loss  # the notebook saves on "<="
             if improved:
                 tracker.info(f"Validation loss decreased ({best_loss:.6f} --> {valid.loss:.6f}).  Saving model ...")
-                best_loss = valid.loss
+                best_loss, best_step = valid.loss, (epoch + 1) * steps_per_epoch
                 best_state = {k: v.detach().clone() for k, v in model_without_ddp.state_dict().items()}
             record = {
                 "epoch": epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
@@ -258,9 +271,10 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
-        if best_state is None and ckpt is not None:  # the best epoch was before the resume
-            best_ckpt, _ = try_load(checkpointer.best) if checkpointer.best.exists() else (None, "")
-            best_state = best_ckpt["model"] if best_ckpt else None
+        if best_state is None and resumed is not None and best_step >= 0:  # the best epoch came before the resume
+            best_state = find_best_weights(best_step, [checkpointer.folder, resumed[1].parent])
+            if best_state is None:
+                tracker.info(f"best weights (global step {best_step}) not found; testing the final weights")
         if best_state is not None:
             model_without_ddp.load_state_dict(best_state)
         test = evaluate(model_without_ddp, data.test, ctx, batcher, amp_dtype, num_classes)
