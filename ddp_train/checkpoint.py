@@ -118,15 +118,25 @@ def _step_of(path: Path) -> int:
         return -1
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:120] if text else "empty"
+
+
 def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
     """(checkpoint, "") or (None, why it cannot be used)."""
     try:
         state = load_checkpoint(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"refused: not a plain checkpoint (weights_only load failed: {first[:120]})"
+        # weights_only refuses any pickle that names a global (a function or class it would call).
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()
+                 and not line.startswith(("Weights only load failed", "Please file", "Check the documentation"))]
+        detail = (lines[0] if lines else _first_line(e))[:120]
+        if "global" in detail.lower():
+            return None, f"refused: not a plain checkpoint, it would run code ({detail})"
+        return None, f"damaged (UnpicklingError: {detail})"
     except Exception as e:  # truncated zip, garbage, empty file: all mean "damaged"
-        return None, f"damaged ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else 'empty'})"
+        return None, f"damaged ({type(e).__name__}: {_first_line(e)})"
     if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
         return None, "damaged (not a ddp_train checkpoint: no model/global_step)"
     return state, ""

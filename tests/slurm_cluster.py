@@ -1,9 +1,10 @@
 """A real single-machine SLURM cluster for the tests: munged, slurmctld and slurmd, started here.
 
-Everything lives in a fresh temporary folder (slurm.conf, state, spool, logs, PID files); the
-client commands find it through ``SLURM_CONF`` in :meth:`SlurmCluster.env`. Daemons are stopped
-through their PID files (jobs are cancelled first, so no ``slurmstepd`` outlives ``slurmd``),
-never by process name. A munged that is already answering is reused and left running.
+Everything lives in a fresh temporary folder (slurm.conf, state, spool, logs, PID files, and a
+private munged with its own key and socket); the client commands find it through ``SLURM_CONF``
+in :meth:`SlurmCluster.env`, and free ports are picked, so the cluster touches nothing
+system-wide and can run next to another one. Daemons are stopped through their PID files (jobs
+are cancelled first, so no ``slurmstepd`` outlives ``slurmd``), never by process name.
 
 Used by ``tests/test_slurm.py`` through a session-scoped fixture; also runnable by hand:
 ``python -m tests.slurm_cluster`` starts a cluster, prints ``export SLURM_CONF=...`` and waits
@@ -26,7 +27,6 @@ from typing import Any
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-MUNGE_KEY = Path("/etc/munge/munge.key")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
 
@@ -89,7 +89,7 @@ class SlurmCluster:
         self.root.chmod(0o755)  # munged runs as user munge and writes its PID file below
         self._own_root = root is None
         self.conf = self.root / "slurm.conf"
-        self.munged_pid: int | None = None  # set only when this harness started munged
+        self.munged_pid: int | None = None
         self.jobs: list[str] = []
         self.node = socket.gethostname().split(".")[0]
 
@@ -127,36 +127,41 @@ class SlurmCluster:
         return self
 
     def _start_munge(self) -> None:
-        if self._munge_ok():
-            return  # a munged is already answering: use it, and leave it running
+        """A private munged: its own key, socket, PID, seed and log files under the cluster folder.
+
+        Nothing system-wide is touched (no /etc/munge key, no /run/munge socket), so another
+        cluster or a system munged on the machine is not disturbed.
+        """
         munge = pwd.getpwnam("munge")
-        if not MUNGE_KEY.exists():
-            MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
-            MUNGE_KEY.write_bytes(os.urandom(1024))
-            os.chown(MUNGE_KEY, munge.pw_uid, munge.pw_gid)
-            MUNGE_KEY.chmod(0o400)
-        for d in (Path("/run/munge"), Path("/var/lib/munge"), Path("/var/log/munge")):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chown(d, munge.pw_uid, munge.pw_gid)
-        piddir = self.root / "munge"
-        piddir.mkdir(parents=True, exist_ok=True)
-        os.chown(piddir, munge.pw_uid, munge.pw_gid)
-        pidfile = piddir / "munged.pid"
-        res = subprocess.run(["runuser", "-u", "munge", "--", _sbin("munged"), f"--pid-file={pidfile}"],
-                             capture_output=True, text=True, timeout=30)
+        d = self.root / "munge"
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chown(d, munge.pw_uid, munge.pw_gid)
+        key = d / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+            os.chown(key, munge.pw_uid, munge.pw_gid)
+            key.chmod(0o400)
+        pidfile = d / "munged.pid"
+        res = subprocess.run(["runuser", "-u", "munge", "--", _sbin("munged"), f"--key-file={key}",
+                              f"--socket={self.munge_socket}", f"--pid-file={pidfile}", f"--seed-file={d / 'munged.seed'}",
+                              f"--log-file={d / 'munged.log'}"], capture_output=True, text=True, timeout=30)
         if res.returncode != 0:
             raise ClusterError(f"munged exited {res.returncode}: {res.stdout}{res.stderr}")
         self.munged_pid = int(_wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
                                         "munged's PID file"))
         _wait_for(self._munge_ok, 15, "munged to answer")
 
-    @staticmethod
-    def _munge_ok() -> bool:
+    @property
+    def munge_socket(self) -> Path:
+        return self.root / "munge" / "munge.socket"
+
+    def _munge_ok(self) -> bool:
         try:
-            cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+            sock = f"--socket={self.munge_socket}"
+            cred = subprocess.run(["munge", "-n", sock], capture_output=True, timeout=10)
             if cred.returncode != 0:
                 return False
-            return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+            return subprocess.run(["unmunge", sock], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
 
@@ -181,7 +186,8 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            "AuthInfo=cred_expire=10",  # a requeued job restarts in ~15 s instead of ~150 s
+            # a requeued job restarts in ~15 s instead of ~150 s; the private munged's socket
+            f"AuthInfo=cred_expire=10,socket={self.munge_socket}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",

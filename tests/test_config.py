@@ -117,3 +117,16 @@ def test_torchrun_bad_config_exits_2_on_both_ranks_quickly(tmp_path, bad):
     ours = [line for line in res.stderr.splitlines() if line.startswith("ddp_train: error:")]
     assert len(ours) == 1, res.stderr[-3000:]
     assert "train.lrr" in ours[0] or "multiple of the world size 2" in ours[0]
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+    from pathlib import Path
+
+    from ddp_train.config import SECTIONS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys += [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    missing = [k for k in keys if f"| `{k}` |" not in readme]
+    assert not missing, f"README's key table lacks {missing}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -46,9 +47,12 @@ def test_torchrun_run_folder(runs):
     assert len(test["per_class_acc"]) == 10 and "disk" in test["per_class_acc"]
 
     ckpt = run / "checkpoints"
-    assert {p.name for p in ckpt.iterdir()} == {"last.pt", "best.pt", "model.pth"}  # no temporary files left
+    # The newest 2 step checkpoints (epoch ends), hard links to them, best weights; no temporary files.
+    assert {p.name for p in ckpt.iterdir()} == {"step-00000005.pt", "step-00000010.pt", "last.pt", "best.pt",
+                                                 "model.pth"}
+    assert os.path.samefile(ckpt / "last.pt", ckpt / "step-00000010.pt")
     last = load_checkpoint(ckpt / "last.pt")
-    assert last["epoch"] == 2 and last["step"] == 2 * (160 // 32)
+    assert last["epoch"] == 2 and last["step_in_epoch"] == 0 and last["global_step"] == 2 * (160 // 32)
     assert last["config"] == cfg.to_dict() and last["dataset"]["classes"][0] == "disk"
     assert len(last["history"]) == 2
     # The notebook's way to load weights works, with no module./_orig_mod. prefixes.
@@ -81,7 +85,9 @@ def test_tensorboard_one_event_file_read_back(runs):
     assert [round(e.value, 5) for e in acc.Scalars("valid/acc")] == [round(h["valid_acc"], 5) for h in history]
     assert [e.step for e in acc.Scalars("train/loss")] == [0]  # log_every_steps 10, 10 steps in all
     assert "config/text_summary" in acc.Tags()["tensors"]
-    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
+        acc.PluginTagToContent("hparams"))
+    assert "hparam/test_acc" in scalars
 
 
 def test_single_process_fallback_equals_two_ranks(runs):

@@ -135,6 +135,7 @@ def _copy_checkpoints(ref: Path, run: Path, steps: list[int]) -> Path:
     folder.mkdir(parents=True)
     for step in steps:
         shutil.copy(ref / "checkpoints" / f"step-{step:08d}.pt", folder)
+    shutil.copy(ref / "checkpoints" / "best.pt", folder)  # the best epoch's weights, for the final test
     return folder
 
 
@@ -167,7 +168,7 @@ def test_malicious_pickle_is_refused_and_never_runs(ref, tmp_path):
     assert not marker.exists()
     res = run_cli([*CFG, f"out_dir={tmp_path}", "run_name=r", "resume=auto"], nproc=2)
     _ok(res)
-    assert "step-00000099.pt is refused: not a plain checkpoint" in res.stderr
+    assert "step-00000099.pt is refused: not a plain checkpoint, it would run code" in res.stderr
     assert not marker.exists(), "the pickle's payload ran"
     assert "resumed from epoch 2 step 3 (global step 8)" in res.stdout
     _assert_same_run(tmp_path / "r", ref)
