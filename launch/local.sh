@@ -29,7 +29,7 @@ if [ -z "$NPROC_PER_NODE" ]; then
     if [ "$gpus" -gt 0 ]; then
         NPROC_PER_NODE="$gpus"
     else
-        cores="$(nproc)"
+        cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc alone obeys OMP_NUM_THREADS
         NPROC_PER_NODE=$(( CPU_PROCS < cores ? CPU_PROCS : cores ))
         [ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1
         threads=$(( cores / NPROC_PER_NODE ))
