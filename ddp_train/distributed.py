@@ -39,14 +39,17 @@ class LaunchError(RuntimeError):
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``node[03-05,9],gpu1`` -> ``node03``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list: ``node[03-05,9],gpu1`` -> ``node03``, ``r[1-2]-n[01-04]`` -> ``r1-n01``."""
+    depth, first = 0, ""
+    for ch in nodelist.strip():  # the first comma outside brackets ends the first item
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            break
+        first += ch
+    if not first or first.count("[") != first.count("]"):
         raise LaunchError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -79,8 +82,10 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
         if world > 1:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
             job_id = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
-            # A port derived from the job id keeps two jobs sharing a node apart.
-            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job_id % 20000
+            step_id = _int(env, "SLURM_STEP_ID") % 16 if env["SLURM_STEP_ID"].isdigit() else 0
+            # A port derived from the job and step ids keeps jobs (and steps) sharing a node apart;
+            # 15000-29999 stays below Linux's ephemeral range (32768+).
+            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + (job_id * 16 + step_id) % 15000
             return LaunchInfo(
                 "slurm",
                 rank=_int(env, "SLURM_PROCID"),

@@ -27,10 +27,15 @@ class Preempted(Exception):
 
 
 class StopFlag:
-    """Records the first stop signal; installed for the duration of a ``with`` block."""
+    """Records the first stop signal; installed for the duration of a ``with`` block.
+
+    The CLI installs it before any slow set-up, so a SIGUSR1 that arrives while the data loads is
+    honoured at the first step instead of killing the process (SIGUSR1's default action).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._sigints = 0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -38,9 +43,11 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.signum is not None:
-            print("ddp_train: second SIGINT, stopping now without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(130)
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:  # only a second Ctrl-C means "now"; TERM then INT still checkpoints
+                print("ddp_train: second SIGINT, stopping now without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
         if self.signum is None:
             self.signum = signum
 

@@ -18,7 +18,8 @@ def test_srun_step_variables():
     info = detect_launch(env)
     assert (info.launcher, info.rank, info.local_rank, info.world_size) == ("slurm", 1, 1, 2)
     assert info.master_addr == "gpu07"
-    assert info.master_port == 20000 + 1234 % 20000
+    assert info.master_port == 15000 + (1234 * 16) % 15000
+    assert detect_launch({**env, "SLURM_STEP_ID": "1"}).master_port != info.master_port  # two steps of one job
     other_job = detect_launch({**env, "SLURM_JOB_ID": "1235"})
     assert other_job.master_port != info.master_port  # two jobs on one node do not clash
     assert detect_launch({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29999"}).master_port == 29999
@@ -36,7 +37,8 @@ def test_no_launcher_is_single():
 
 
 @pytest.mark.parametrize("nodes, first", [("n1", "n1"), ("node[03-05]", "node03"), ("a[1,4],b2", "a1"),
-                                          ("c1,c2", "c1"), ("gpu-[010-011]", "gpu-010")])
+                                          ("c1,c2", "c1"), ("gpu-[010-011]", "gpu-010"),
+                                          ("rack[1-2]-node[01-04],x", "rack1-node01")])
 def test_first_host(nodes, first):
     assert first_host(nodes) == first
 

@@ -95,7 +95,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_sigterm_checkpoints_then_resume_auto_finishes_exactly(ref, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = [*CFG, f"out_dir={tmp_path}", "run_name=r"]
+    # With loader workers: torchrun signals whole process groups, and a worker that dies of the
+    # SIGTERM meant for its rank must not take the rank down before its checkpoint.
+    args = [*CFG, "data.num_workers=2", f"out_dir={tmp_path}", "run_name=r"]
     proc = _start(args)
     _wait_for(tmp_path / "r" / "checkpoints" / "step-00000002.pt", proc)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it to every worker

@@ -1,0 +1,256 @@
+"""Dataset sources: where the images come from, before any split or transform.
+
+Every source yields uint8 CHW tensors and integer labels, and carries its class names,
+channel count, image size and normalisation statistics, so the model and the transforms
+adapt to the data rather than to a hard-coded CIFAR shape.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig, UserError
+from . import synthetic
+
+
+class DataError(UserError):
+    """The data cannot be found or read; the message says how to fix it."""
+
+
+@dataclass
+class Source:
+    """One split of a dataset: images in memory (uint8 NHWC) or as image file paths."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+    channels: int = 3
+    image_size: int | None = None  # files only: resize to this square size when loading
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image ``i`` as a uint8 C x H x W tensor."""
+        if self.images is not None:
+            return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        assert self.paths is not None
+        return _read_image(self.paths[i], self.channels, self.image_size)
+
+    def head(self, n: int | None) -> Source:
+        """The first ``n`` samples (all when ``n`` is None)."""
+        if n is None or n >= len(self):
+            return self
+        return Source(
+            self.labels[:n],
+            None if self.images is None else self.images[:n],
+            None if self.paths is None else self.paths[:n],
+            self.channels,
+            self.image_size,
+        )
+
+
+@dataclass
+class Dataset:
+    """The splits a dataset provides, and what the model and transforms need to know."""
+
+    name: str
+    classes: list[str]
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Source
+    valid: Source | None  # a dataset's own validation split (image_folder val/); else drawn from train
+    test: Source | None
+
+
+def _read_image(path: str, channels: int, size: int | None) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None:
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NHWC images, on the 0-1 scale."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-3)) for v in x.std(0))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic(cfg: DataConfig) -> Dataset:
+    n_train = cfg.synthetic_size if cfg.subset is None else min(cfg.subset, cfg.synthetic_size)
+    n_test = max(cfg.synthetic_size // 5, 1)
+    n_test = n_test if cfg.subset is None else min(cfg.subset, n_test)
+    xtr, ytr = synthetic.generate("train", n_train)
+    xte, yte = synthetic.generate("test", n_test)
+    # Statistics from a fixed prefix, so they do not change with data.subset.
+    mean, std = _stats(synthetic.generate("train", 1000)[0])
+    return Dataset("synthetic", list(synthetic.CLASSES), 3, synthetic.SIZE, mean, std,
+                   Source(ytr, xtr), None, Source(yte, xte))
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}; the file is damaged, fetch it again") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) if shape else 0
+    if len(data) - header != expected:
+        raise DataError(f"{path} is truncated: header says {shape} ({expected} bytes), file holds "
+                        f"{len(data) - header}; fetch it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _fashion_mnist(cfg: DataConfig) -> Dataset:
+    root = Path(cfg.root or FASHION_ROOT)
+    splits = {}
+    for split, (img_name, lbl_name) in FASHION_FILES.items():
+        img_path, lbl_path = root / img_name, root / lbl_name
+        for p in (img_path, lbl_path):
+            if not p.is_file():
+                raise DataError(
+                    f"Fashion-MNIST file {p} not found; set data.root to the folder with the four IDX .gz "
+                    f"files, or install them with: apt-get install dataset-fashion-mnist"
+                )
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{img_path} and {lbl_path} do not match (images {images.shape}, labels {labels.shape})")
+        n = cfg.subset
+        splits[split] = Source(labels[:n].astype(np.int64), images[:n, :, :, None])
+    # Published statistics of the Fashion-MNIST training set.
+    return Dataset("fashion_mnist", FASHION_CLASSES, 1, 28, (0.2860,), (0.3530,),
+                   splits["train"], None, splits["test"])
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR_MEAN = (0.4914, 0.4823, 0.4465)  # the notebook recipe's statistics
+CIFAR_STD = (0.2023, 0.1920, 0.2210)
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
+    import torchvision
+
+    root = cfg.root or os.path.join("data", "cifar10")
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(
+                f"CIFAR-10 not found in {root} ({e}); set data.download=true to fetch it (needs network), "
+                f"or data.root to a folder holding cifar-10-batches-py"
+            ) from None
+        except OSError as e:  # URLError and socket errors are OSErrors
+            raise DataError(
+                f"could not download CIFAR-10 into {root}: {e}; without network, copy cifar-10-batches-py "
+                f"into {root} (or set data.root) and keep data.download=false"
+            ) from None
+        n = cfg.subset
+        splits[split] = Source(np.asarray(ds.targets, dtype=np.int64)[:n], np.asarray(ds.data)[:n])
+        classes = list(ds.classes)
+    return Dataset("cifar10", classes, 3, 32, CIFAR_MEAN, CIFAR_STD, splits["train"], None, splits["test"])
+
+
+# --------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _scan(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], np.ndarray]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif set(found) - set(classes):
+        raise DataError(f"{folder} has class folders not in train/: {sorted(set(found) - set(classes))}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = folder / name
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                paths.append(str(p))
+                labels.append(label)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _image_folder(cfg: DataConfig) -> Dataset:
+    from PIL import Image
+
+    root = Path(cfg.root or "")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"image_folder: {train_dir} not found; data.root must hold train/<class>/<images> "
+                        f"(and optionally val/ and test/ with the same class folders)")
+    classes, paths, labels = _scan(train_dir, None)
+    if len(classes) < 2 or not paths:
+        raise DataError(f"image_folder: {train_dir} needs at least two class folders with images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); found {len(classes)} classes, {len(paths)} images")
+    try:
+        with Image.open(paths[0]) as im:
+            channels = 1 if im.mode in ("L", "I;16", "I", "1") else 3
+    except OSError as e:
+        raise DataError(f"cannot read image {paths[0]}: {e}") from None
+    size = cfg.image_size
+
+    def source(folder: Path) -> Source | None:
+        if not folder.is_dir():
+            return None
+        _, p, y = _scan(folder, classes)
+        src = Source(y, paths=p, channels=channels, image_size=size)
+        return src.head(cfg.subset)
+
+    train = Source(labels, paths=paths, channels=channels, image_size=size).head(cfg.subset)
+    # Statistics from up to 500 evenly spread training images.
+    pick = np.linspace(0, len(train) - 1, num=min(500, len(train))).astype(int)
+    sample = np.stack([train.load(int(i)).permute(1, 2, 0).numpy() for i in pick])
+    mean, std = _stats(sample)
+    return Dataset("image_folder", classes, channels, size, mean, std, train,
+                   source(root / "val"), source(root / "test"))
+
+
+_LOADERS = {"synthetic": _synthetic, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "image_folder": _image_folder}
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset named by ``cfg.name``, truncated by ``cfg.subset``. Raises DataError."""
+    return _LOADERS[cfg.name](cfg)

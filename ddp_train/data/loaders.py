@@ -1,0 +1,141 @@
+"""Splits, samplers and DataLoaders: what each rank reads, in which order, with which randomness.
+
+- The train/valid split is a permutation drawn from ``train.seed`` alone: identical on every
+  rank, disjoint, independent of the world size.
+- Training: ``DistributedSampler`` (same permutation on every rank, seeded by seed + epoch,
+  strided across ranks) with ``drop_last`` on the sampler and the loader, so global batch k
+  holds the same samples at any world size.
+- Evaluation: a strided shard with no padding, so every sample is counted exactly once.
+- Augmentation randomness is a function of (seed, epoch, sample): never repeated across ranks,
+  workers or epochs, and unchanged by the world size or the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .datasets import Source
+from .transforms import Transform
+
+
+def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) index arrays over ``range(n)``, drawn with a generator seeded by ``seed`` only."""
+    n_valid = min(max(1, round(n * valid_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A transformed view of ``source`` restricted to ``indices``.
+
+    Keys are plain positions (evaluation) or ``(epoch, position)`` pairs from
+    :class:`EpochDistributedSampler`, in which case the transform runs under a torch RNG seeded
+    for that sample and epoch, leaving the process's own RNG untouched.
+    """
+
+    def __init__(self, source: Source, indices: np.ndarray, transform: Transform, seed: int = 0) -> None:
+        self.source, self.indices, self.transform, self.seed = source, indices, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            epoch, pos = key
+            index = int(self.indices[pos])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                image = self.transform(self.source.load(index))
+        else:
+            index = int(self.indices[key])
+            image = self.transform(self.source.load(index))
+        return image, int(self.source.labels[index])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels[self.indices]
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """DistributedSampler whose items carry the epoch, for per-sample augmentation seeds.
+
+    ``skip`` drops the first items of the epoch's order: resuming after k global batches sets
+    it to k x the per-rank batch, and the rest of the epoch is the same samples as uninterrupted.
+    """
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for n, i in enumerate(super().__iter__()):
+            if n >= self.skip:
+                yield (self.epoch, i)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.skip, 0)
+
+
+class ShardSampler(Sampler[int]):
+    """Positions ``rank, rank + world, ...``: every sample on exactly one rank, no padding."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
+    """numpy and random in each loader worker, distinct per (seed, rank, worker); stop signals ignored.
+
+    torchrun and SLURM signal whole process groups: a loader worker that died of the SIGTERM meant
+    for its rank would crash the rank before it could write its stop checkpoint. Workers end with
+    their rank instead.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(1)[0]
+    np.random.seed(state)
+    random.seed(int(state))
+
+
+def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    """Shuffled, sharded, full batches only; call ``loader.sampler.set_epoch(e)`` every epoch."""
+    sampler = EpochDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if len(sampler) < per_rank_batch:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"train.batch_size: the training split has {len(ds)} samples, fewer than one global batch; "
+            f"lower train.batch_size or raise data.subset"
+        )
+    return DataLoader(
+        ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(_seed_worker, seed, rank),
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+
+
+def eval_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, num_workers: int,
+                pin_memory: bool) -> DataLoader:
+    """This rank's exact shard of an evaluation split, in order."""
+    return DataLoader(
+        ds, batch_size=per_rank_batch, sampler=ShardSampler(len(ds), rank, world_size), num_workers=num_workers,
+        pin_memory=pin_memory, worker_init_fn=functools.partial(_seed_worker, 0, rank),
+    )

@@ -1,0 +1,60 @@
+"""The notebook's train and evaluation transforms, on uint8 CHW tensors.
+
+Train: Resize(1.25 x size) -> RandomResizedCrop(size, scale 0.64-1, ratio 1) -> horizontal
+flip -> to float -> Normalize(dataset statistics) -> Cutout(1 hole, half the side).
+Evaluation (validation and test): to float -> Normalize. The statistics come from the
+dataset, since the notebook's CIFAR numbers are wrong for grayscale data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Cutout:
+    """Zero ``n_holes`` squares of side ``length`` at uniformly random centres, clipped at the borders.
+
+    Applied to the normalised tensor, as in the notebook recipe. Uses torch's RNG, which the
+    dataset seeds per sample.
+    """
+
+    def __init__(self, n_holes: int, length: int) -> None:
+        self.n_holes, self.length = n_holes, length
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        img = img.clone()
+        for _ in range(self.n_holes):
+            cy = int(torch.randint(0, h, ()).item())
+            cx = int(torch.randint(0, w, ()).item())
+            y0, y1 = max(cy - self.length // 2, 0), min(cy + self.length // 2, h)
+            x0, x1 = max(cx - self.length // 2, 0), min(cx + self.length // 2, w)
+            img[..., y0:y1, x0:x1] = 0
+        return img
+
+    def __repr__(self) -> str:
+        return f"Cutout(n_holes={self.n_holes}, length={self.length})"
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Transform:
+    """ToTensor + Normalize (images arrive already at the model's size)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augment: bool) -> Transform:
+    """The notebook recipe scaled to ``size`` (40/32 for 32x32 images); evaluation transform if not ``augment``."""
+    if not augment:
+        return eval_transform(mean, std)
+    return v2.Compose([
+        v2.Resize(round(size * 1.25), antialias=True),
+        v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        Cutout(1, size // 2),
+    ])
