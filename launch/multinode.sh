@@ -31,38 +31,14 @@ fi
 [[ "$NODE_RANK" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+$ ]] || usage
 [ "$NODE_RANK" -lt "$NNODES" ] || { echo "multinode.sh: NODE_RANK $NODE_RANK must be below NNODES $NNODES" >&2; exit 2; }
 
-# Python with ddp_train installed. Default: the project's .venv next to this script, else python3.
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ -x "$HERE/../.venv/bin/python" ]; then
-    PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
-else
-    PYTHON="${PYTHON:-python3}"
-fi
-# Worker processes on this node. Empty: one per visible GPU; without GPUs, CPU_PROCS.
-NPROC_PER_NODE="${NPROC_PER_NODE:-}"
-# CPU-only nodes: worker processes (at most the number of cores), sharing the cores as
-# OMP_NUM_THREADS unless that is set already.
-CPU_PROCS="${CPU_PROCS:-2}"
+# PYTHON, NPROC_PER_NODE, CPU_PROCS, TORCHRUN_ARGS: see common.sh.
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # static: global ranks follow NODE_RANK (node 0 holds rank 0); c10d: elastic rendezvous hosted on
 # the head node, ranks in order of arrival (NODE_RANK is then only a label).
 RDZV_BACKEND="${RDZV_BACKEND:-static}"
 # c10d only: a name shared by the nodes of one run (a second run on the same port needs another).
 RDZV_ID="${RDZV_ID:-ddp_train}"
-# Extra torchrun arguments, e.g. "--log-dir=logs --redirects=3".
-TORCHRUN_ARGS="${TORCHRUN_ARGS:-}"
-
-if [ -z "$NPROC_PER_NODE" ]; then
-    gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
-    if [ "$gpus" -gt 0 ]; then
-        NPROC_PER_NODE="$gpus"
-    else
-        cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc alone obeys OMP_NUM_THREADS
-        NPROC_PER_NODE=$(( CPU_PROCS < cores ? CPU_PROCS : cores ))
-        [ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1
-        threads=$(( cores / NPROC_PER_NODE ))
-        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
-    fi
-fi
 
 case "$RDZV_BACKEND" in
     static)
