@@ -136,7 +136,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) - header != expected:
         raise DataError(f"{path} is truncated: header says {shape} ({expected} bytes), file holds "
                         f"{len(data) - header}; fetch it again")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    # A writable copy: torch warns about (and must not write into) read-only buffers.
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
 def _fashion_mnist(cfg: DataConfig) -> Dataset:
