@@ -16,7 +16,10 @@ from .config import ConfigError, UserError, describe_keys, load_config, validate
 from .distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
 
 USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
-  torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]"""
+  torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]
+  python -m ddp_train eval --checkpoint PATH [split=test|valid] [key=value ...]   (see eval --help)
+  python -m ddp_train predict --checkpoint PATH FILE...                          (see predict --help)
+  python -m ddp_train plot RUN_DIR                                               (see plot --help)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +45,11 @@ def _fail(message: str, rank: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("eval", "predict", "plot"):  # using a trained model: see each one's --help
+        import importlib
+
+        module = {"eval": "evaluate", "predict": "predict", "plot": "plot"}[argv[0]]
+        return importlib.import_module(f".{module}", __package__).main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
     args = _parser().parse_args(argv)
@@ -56,27 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e), launch.rank)
 
-    from .signals import EXIT_CHECKPOINTED, Preempted
-    from .trainer import train  # heavy imports after the cheap checks
+    from .signals import EXIT_CHECKPOINTED, Preempted, StopFlag
 
-    try:
-        ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
-    except LaunchError as e:
-        return _fail(str(e), launch.rank)
-    try:
-        train(cfg, ctx)
-    except Preempted as e:
-        if ctx.is_main:
-            print(f"ddp_train: {e}", file=sys.stderr, flush=True)
-        return EXIT_CHECKPOINTED
-    except PeerFailed:
-        return 2
-    except UserError as e:
-        if getattr(e, "report", True):  # one line for the job, not one per rank
-            print(f"ddp_train: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    finally:
-        shutdown(ctx)
+    # Stop signals are recorded from here on: one that arrives during set-up stops the run at its
+    # first step, with a checkpoint, instead of killing the process mid-way.
+    with StopFlag() as stop_flag:
+        from .trainer import train  # heavy imports after the cheap checks
+
+        try:
+            ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
+        except LaunchError as e:
+            return _fail(str(e), launch.rank)
+        try:
+            train(cfg, ctx, stop_flag)
+        except Preempted as e:
+            if ctx.is_main:
+                print(f"ddp_train: {e}", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINTED
+        except PeerFailed:
+            return 2
+        except UserError as e:
+            if getattr(e, "report", True):  # one line for the job, not one per rank
+                print(f"ddp_train: error: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
+        finally:
+            shutdown(ctx)
     return 0
 
 

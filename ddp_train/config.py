@@ -91,6 +91,12 @@ class ModelConfig:
     )
     zero_init_residual: bool = _f(False, "zero-initialise the last BN of each residual branch")
     channels_last: bool = _f(True, "use the channels_last memory format (faster on CUDA and on CPU)")
+    init_from: str | None = _f(
+        None,
+        "fine-tune: start from these weights (this project's model.pth or a .pt checkpoint, or a plain "
+        "torchvision-style state dict; module./_orig_mod. prefixes are stripped); fc is re-initialised when "
+        "the number of classes differs, any other mismatch stops the run; null starts from scratch",
+    )
 
 
 @dataclass
@@ -343,6 +349,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
     _check(cfg.resume is None or cfg.resume == "auto" or cfg.resume.endswith((".pt", ".pth")), "resume",
            "null, auto, or the path of a .pt checkpoint", cfg.resume)
+    _check(cfg.model.init_from is None or bool(cfg.model.init_from), "model.init_from",
+           "null or the path of a weights file", cfg.model.init_from)
     _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
     if cfg.run_name is not None:
         _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import time
@@ -132,10 +133,16 @@ def find_best_weights(step: int, folders: list[Path]) -> dict[str, torch.Tensor]
     return None
 
 
-def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
-    """(model to train, the same model without DDP/DataParallel wrapping)."""
+def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
+                         init_from: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """(model to train, the same model without DDP/DataParallel wrapping), started from ``init_from`` if given."""
     seed_all(cfg.train.seed)  # identical initialisation on every rank
     model = build_model(cfg.model.name, len(dataset.classes), dataset.channels, cfg.model.zero_init_residual)
+    if init_from:  # fine-tuning: every rank loads the same file, before SyncBN and DDP
+        from .pretrained import apply_init_from
+
+        apply_init_from(model, init_from, ctx,
+                        f"{cfg.model.name} with {dataset.channels} channels and {len(dataset.classes)} classes")
     if cfg.model.sync_bn and ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
     model = model.to(ctx.device)
@@ -149,7 +156,7 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext) -> tup
     return model, model_without_ddp
 
 
-def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
+def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> dict[str, Any]:
     """Train, validate every epoch, checkpoint, then test the best weights. Returns metrics.json's content.
 
     Raises :class:`Preempted` on every rank after a stop signal, once the checkpoint is written.
@@ -162,7 +169,10 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     ctx.agree(error)
     assert isinstance(data, DataBundle)
 
-    model, model_without_ddp = build_training_model(cfg, dataset, ctx)
+    resumed = load_resume_checkpoint(resume, run_dir, ctx)
+    ckpt = resumed[0] if resumed else None
+    # A resumed run takes its weights from the checkpoint: model.init_from is not read again.
+    model, model_without_ddp = build_training_model(cfg, dataset, ctx, None if ckpt else cfg.model.init_from)
     seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
     optimizer = build_optimizer(model, cfg.train)
     steps_per_epoch = len(data.train)
@@ -174,8 +184,6 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     sampler = data.train.sampler
     per_rank_batch = cfg.train.batch_size // ctx.world_size
 
-    resumed = load_resume_checkpoint(resume, run_dir, ctx)
-    ckpt = resumed[0] if resumed else None
     epoch, step_in_epoch, best_loss, best_step, history = 0, 0, float("inf"), -1, []
     partial = (0.0, 0)
     epoch_lr: float | None = None  # the lr an interrupted epoch started with (its metrics report that)
@@ -225,7 +233,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         return path
 
     best_state: dict[str, torch.Tensor] | None = None
-    with StopFlag() as stop_flag:
+    with contextlib.nullcontext(stop_flag) if stop_flag is not None else StopFlag() as stop_flag:
         while epoch < cfg.train.epochs:
             sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             sampler.skip = step_in_epoch * per_rank_batch  # type: ignore[attr-defined]

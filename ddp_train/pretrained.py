@@ -1,0 +1,218 @@
+"""Reading trained weights: fine-tuning (``model.init_from``), and the model behind eval/predict.
+
+Three kinds of file are accepted, all loaded with ``torch.load(..., weights_only=True)`` (a
+crafted pickle is refused, never run):
+
+- this project's full checkpoints (``checkpoints/best.pt``, ``last.pt``, ``step-*.pt``): the
+  weights are their ``"model"``, and they carry the config and the dataset's class names,
+  channels, size and normalisation;
+- this project's ``model.pth``: the best weights alone (a plain state dict); eval and predict
+  take the metadata from ``best.pt`` or ``last.pt`` in the same folder;
+- plain torchvision-style state dicts (also under a ``"state_dict"`` key), with or without the
+  ``module.`` (DDP, DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import UserError
+
+PREFIXES = ("module.", "_orig_mod.")
+CLASSIFIER = ("fc.weight", "fc.bias")  # torchvision ResNet's last layer
+
+
+class WeightsError(UserError):
+    """A weights file that cannot be read or does not fit the model."""
+
+
+def read_weights_file(path: str | Path, what: str) -> Any:
+    """The object stored in ``path``; one-line :class:`WeightsError` when missing, damaged or refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"{what}: {p} does not exist")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Please file", "Check the documentation"))]
+        detail = (lines[0] if lines else "empty")[:100]
+        if "global" in detail.lower():
+            raise WeightsError(f"{what}: {p} is refused: not a plain weights file, it would run code ({detail})") from None
+        raise WeightsError(f"{what}: {p} is damaged or not a PyTorch file (UnpicklingError: {detail})") from None
+    except Exception as e:  # truncated zip, garbage, empty file, a folder
+        first = (str(e).strip().splitlines() or ["empty"])[0][:120]
+        raise WeightsError(f"{what}: {p} cannot be read as a PyTorch file ({type(e).__name__}: {first})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(obj: Any, path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The weights in a loaded file: a full checkpoint's ``"model"``, a ``"state_dict"``, or the dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+            return strip_prefixes(obj[key])
+    if _is_state_dict(obj):
+        return strip_prefixes(obj)
+    raise WeightsError(f"{what}: {path} holds no model weights (expected a ddp_train checkpoint, a model.pth, "
+                       f"or a state dict of tensors)")
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop leading ``module.`` / ``_orig_mod.`` (in any order and number) from every key."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def describe_mismatch(model_state: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """Missing keys, unexpected keys and shape differences, as one line ('' when they fit)."""
+    missing = [k for k in model_state if k not in loaded]
+    unexpected = [k for k in loaded if k not in model_state]
+    shapes = [f"{k} {_shape(loaded[k])} in the file, {_shape(v)} in the model"
+              for k, v in model_state.items() if k in loaded and loaded[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
+    if shapes:
+        parts.append(f"different shapes ({len(shapes)}): {_names(shapes, 4)}")
+    if any(s.startswith("conv1.weight ") for s in shapes):
+        parts.append("note: ddp_train's ResNets have a 3x3 small-image stem and the data's channel count, "
+                     "so ImageNet stems (7x7) do not fit")
+    return "; ".join(parts)
+
+
+def load_init_weights(model: nn.Module, path: str, model_desc: str = "the model") -> str:
+    """Load ``path`` into ``model`` for fine-tuning; returns the line to print.
+
+    When only the classifier's number of classes differs, ``fc`` keeps the model's own fresh
+    initialisation (seeded, so identical on every rank). Any other difference raises a
+    :class:`WeightsError` listing the missing and unexpected keys. Reads no randomness.
+    """
+    what = "model.init_from"
+    loaded = extract_state_dict(read_weights_file(path, what), path, what)
+    own = model.state_dict()
+    # BatchNorm's num_batches_tracked counters are absent from some older state dicts; they are unused here.
+    fill = {k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in loaded}
+    loaded = {**loaded, **fill}
+    reinit = [k for k in CLASSIFIER if k in loaded and k in own and loaded[k].shape != own[k].shape
+              and loaded[k].shape[1:] == own[k].shape[1:]]
+    if reinit:
+        file_classes = int(loaded[reinit[0]].shape[0])
+        loaded = {k: (own[k] if k in reinit else v) for k, v in loaded.items()}
+    problem = describe_mismatch(own, loaded)
+    if problem:
+        raise WeightsError(f"{what}: {path} does not fit {model_desc}: {problem}")
+    model.load_state_dict(loaded)
+    n = len(loaded) - len(fill) - len(reinit)
+    if reinit:
+        classes = int(own["fc.weight"].shape[0])
+        return (f"model.init_from: loaded {n} tensors from {path}; fc re-initialised for {classes} classes "
+                f"(the weights have {file_classes})")
+    return f"model.init_from: loaded {n} tensors from {path}"
+
+
+def apply_init_from(model: nn.Module, path: str, ctx: Any, model_desc: str = "the model") -> None:
+    """Every rank loads the same file into its (identically initialised) model; all stop together on error.
+
+    Called right after the model is built, before SyncBN conversion and DDP wrapping. A bad file
+    raises the same :class:`WeightsError` on every rank (reported once, exit 2), before training.
+    """
+    message, error = "", None
+    try:
+        message = load_init_weights(model, path, model_desc)
+    except UserError as e:
+        error = e
+    ctx.agree(error)
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- trained models (eval, predict)
+
+
+@dataclass
+class Trained:
+    """Weights and the metadata to rebuild their model and input transform."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    config: dict[str, Any]  # Config.to_dict() of the training run
+    dataset: dict[str, Any]  # name, classes, channels, image_size, mean, std
+    global_step: int | None
+    meta_from: Path  # the file the config and dataset came from (path itself, or best.pt/last.pt beside it)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.dataset["classes"])
+
+
+def _has_meta(obj: Any) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("dataset"), dict)
+            and {"classes", "channels", "image_size", "mean", "std"} <= set(obj["dataset"]))
+
+
+def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
+    """A full checkpoint, or a ``model.pth`` with ``best.pt``/``last.pt`` beside it for the metadata."""
+    p = Path(path)
+    obj = read_weights_file(p, what)
+    weights = extract_state_dict(obj, p, what)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a full checkpoint
+        if not _has_meta(obj):
+            raise WeightsError(f"{what}: {p} has no config or dataset metadata (class names, normalisation); "
+                               f"pass a checkpoint written by this version of ddp_train")
+        return Trained(p, weights, obj["config"], obj["dataset"], obj.get("global_step"), p)
+    for sibling in ("best.pt", "last.pt"):
+        candidate = p.parent / sibling
+        if candidate.is_file() and candidate.resolve() != p.resolve():
+            try:
+                meta = read_weights_file(candidate, what)
+            except WeightsError as e:
+                print(f"ddp_train: {e}; not using it for the metadata", file=sys.stderr)
+                continue
+            if _has_meta(meta):
+                return Trained(p, weights, meta["config"], meta["dataset"], None, candidate)
+    raise WeightsError(f"{what}: {p} holds weights only (no config, class names or normalisation), and there is no "
+                       f"usable best.pt or last.pt beside it to take them from; pass the run's checkpoints/best.pt")
+
+
+def build_trained_model(trained: Trained, model_name: str, what: str = "--checkpoint") -> nn.Module:
+    """The model of ``trained`` with its weights loaded (on the CPU, eval mode)."""
+    from .models import build_model
+
+    ds = trained.dataset
+    model = build_model(model_name, len(ds["classes"]), int(ds["channels"]))
+    problem = describe_mismatch(model.state_dict(), trained.weights)
+    if problem:
+        raise WeightsError(f"{what}: {trained.path} does not fit {model_name} with {ds['channels']} channels and "
+                           f"{len(ds['classes'])} classes: {problem}")
+    model.load_state_dict(trained.weights)
+    return model.eval()
