@@ -22,6 +22,15 @@ TINY = [
 ]
 
 
+# A 1-epoch run on 125 synthetic images: 100 train / 25 valid / 25 test (25: divisible by neither 2 nor 3).
+TINY_125 = [*TINY, "data.synthetic_size=125", "train.epochs=1"]
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    """The command succeeded; otherwise show the end of its output."""
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

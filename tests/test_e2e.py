@@ -12,7 +12,7 @@ from ddp_train.checkpoint import load_checkpoint
 from ddp_train.config import load_config
 from ddp_train.models import build_model
 
-from .helpers import TINY, run_cli
+from .helpers import TINY, assert_ok, run_cli
 
 EXACT = TINY + ["data.augment=false"]
 
@@ -25,13 +25,10 @@ def runs(tmp_path_factory):
     return out, two, one
 
 
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-
 
 def test_torchrun_run_folder(runs):
     out, two, _ = runs
-    _ok(two)
+    assert_ok(two)
     run = out / "two"
     assert "torchrun x2 on cpu" in two.stdout
     cfg = load_config(run / "config.yaml")
@@ -64,7 +61,7 @@ def test_torchrun_run_folder(runs):
 
 def test_console_lines_come_from_rank_0_only(runs):
     _, two, _ = runs
-    _ok(two)
+    assert_ok(two)
     assert two.stdout.count("Validation loss decreased (inf --> ") == 1
     assert two.stdout.count("epoch   2 |") == 1
     assert "test | loss" in two.stdout
@@ -74,7 +71,7 @@ def test_tensorboard_one_event_file_read_back(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, two, _ = runs
-    _ok(two)
+    assert_ok(two)
     files = list((out / "two" / "tb").rglob("events.out.tfevents.*"))
     assert len(files) == 1, files
     acc = EventAccumulator(str(files[0]), size_guidance={"scalars": 0, "tensors": 0})
@@ -99,7 +96,7 @@ def test_single_process_fallback_equals_two_ranks(runs):
     unsynchronised BN moves them by about one update (2e-3) per step.
     """
     out, two, one = runs
-    _ok(one), _ok(two)
+    assert_ok(one), assert_ok(two)
     assert "single x1 on cpu" in one.stdout
     w1 = torch.load(out / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
     w2 = torch.load(out / "two" / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -113,7 +110,7 @@ def test_single_process_fallback_equals_two_ranks(runs):
 
 def test_existing_run_is_not_overwritten(runs):
     out, _, one = runs
-    _ok(one)
+    assert_ok(one)
     before = (out / "one" / "checkpoints" / "last.pt").read_bytes()
     res = run_cli([*EXACT, f"out_dir={out}", "run_name=one"], timeout=120)
     assert res.returncode == 2

@@ -11,22 +11,11 @@ import pytest
 
 from ddp_train.data import synthetic
 
-from .helpers import TINY, run_cli
-
-# synthetic_size 125 -> 100 train / 25 valid / 25 test: 25 is divisible by neither 2 nor 3.
-RUN = [*TINY, "data.synthetic_size=125", "train.epochs=1"]
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-
+from .helpers import assert_ok, run_cli
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    res = run_cli([*RUN, f"out_dir={out}", "run_name=r"])
-    _ok(res)
-    return out / "r"
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def evals(run, tmp_path_factory):
 
 def test_exact_at_world_sizes_1_and_3(run, evals):
     one, three, _, tmp = evals
-    _ok(one), _ok(three)
+    assert_ok(one), assert_ok(three)
     r1 = json.loads(one.stdout)  # --json: stdout is the JSON document alone
     r3 = json.loads((tmp / "three.json").read_text())
     assert r1["world_size"] == 1 and r3["world_size"] == 3
@@ -69,7 +58,7 @@ def test_exact_at_world_sizes_1_and_3(run, evals):
 
 def test_valid_split_under_torchrun_matches_training(run, evals):
     _, _, valid, tmp = evals
-    _ok(valid)
+    assert_ok(valid)
     r = json.loads((tmp / "valid.json").read_text())
     last = json.loads((run / "metrics.json").read_text())["history"][-1]  # 1 epoch: best.pt is that epoch
     assert r["split"] == "valid" and r["count"] == 25 and r["world_size"] == 3
@@ -79,7 +68,7 @@ def test_valid_split_under_torchrun_matches_training(run, evals):
 
 def test_table_printed_once_by_rank_0(evals):
     _, three, _, tmp = evals
-    _ok(three)
+    assert_ok(three)
     out = three.stdout
     assert out.count("loss ") == 1 and out.count("| count 25") == 1, out
     assert out.count("torchrun x3 on cpu") == 1 and "test split: 25 samples, 10 classes" in out
@@ -94,7 +83,7 @@ def test_confusion_matrix_image_in_the_run_tensorboard(run, evals):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     one, _, valid, _ = evals
-    _ok(one), _ok(valid)
+    assert_ok(one), assert_ok(valid)
     images, scalars = {}, {}
     for path in (run / "tb").rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0})
@@ -117,9 +106,9 @@ def test_confusion_matrix_image_in_the_run_tensorboard(run, evals):
 
 def test_model_pth_evaluates_like_best_pt(run, evals):
     one = evals[0]
-    _ok(one)
+    assert_ok(one)
     res = run_cli(["eval", "--checkpoint", str(run / "checkpoints" / "model.pth"), "--json"])
-    _ok(res)
+    assert_ok(res)
     r, r1 = json.loads(res.stdout), json.loads(one.stdout)
     assert r["confusion"] == r1["confusion"] and r["loss"] == pytest.approx(r1["loss"], abs=1e-7)
 

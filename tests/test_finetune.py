@@ -15,21 +15,12 @@ from ddp_train.models import build_model
 from ddp_train.pretrained import WeightsError, load_init_weights
 from ddp_train.seeding import seed_all
 
-from .helpers import TINY, run_cli
-
-RUN = [*TINY, "data.synthetic_size=125", "train.epochs=1"]
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-
+from .helpers import TINY, assert_ok, run_cli
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A real 10-class run (the synthetic dataset)."""
-    out = tmp_path_factory.mktemp("runs")
-    _ok(run_cli([*RUN, f"out_dir={out}", "run_name=ten"]))
-    return out / "ten" / "checkpoints"
+def pretrained(tiny_run):
+    """A real 10-class run (the synthetic dataset): its checkpoints folder."""
+    return tiny_run / "checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def _finetune_args(root, init_from, out, name):
 
 def test_finetune_10_classes_into_7_under_torchrun(pretrained, seven_classes, tmp_path):
     res = run_cli(_finetune_args(seven_classes, pretrained / "model.pth", tmp_path, "seven"), nproc=2)
-    _ok(res)
+    assert_ok(res)
     line = f"model.init_from: loaded 120 tensors from {pretrained / 'model.pth'}; fc re-initialised for 7 classes " \
            f"(the weights have 10)"
     assert res.stdout.count(line) == 1, res.stdout  # said once (rank 0), loaded by both ranks

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, TINY, clean_env, free_port
+from .helpers import ROOT, TINY, assert_ok, clean_env, free_port
 
 LAUNCH = ROOT / "launch"
 CONFIG = [*TINY, "data.augment=false"]
@@ -19,10 +19,6 @@ CONFIG = [*TINY, "data.augment=false"]
 def _run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=clean_env(PYTHON=sys.executable, **env), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _ok(res: subprocess.CompletedProcess) -> None:
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
 def _weights(run: Path) -> list[dict[str, torch.Tensor]]:
@@ -41,7 +37,7 @@ def local_run(tmp_path_factory):
 
 def test_local_sh_two_cpu_workers(local_run):
     out, res = local_run
-    _ok(res)
+    assert_ok(res)
     assert "torchrun x2 on cpu" in res.stdout
     assert (out / "local" / "checkpoints" / "last.pt").exists()
 
@@ -49,7 +45,7 @@ def test_local_sh_two_cpu_workers(local_run):
 def test_two_nodes_on_one_machine_equal_one_node(local_run):
     """Two ``multinode.sh`` agents, one worker each, rendezvous on 127.0.0.1 = the 2-worker local run."""
     out, local = local_run
-    _ok(local)
+    assert_ok(local)
     port = free_port()
     args = [*CONFIG, f"out_dir={out}", "run_name=two_nodes"]
     env = clean_env(PYTHON=sys.executable, NPROC_PER_NODE="1")

@@ -14,21 +14,11 @@ from ddp_train.config import config_from_dict
 from ddp_train.data import build_splits, load_dataset
 from ddp_train.models import build_model
 
-from .helpers import TINY, run_cli
-
-RUN = [*TINY, "data.synthetic_size=125", "train.epochs=1"]
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-
+from .helpers import assert_ok, run_cli
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    res = run_cli([*RUN, f"out_dir={out}", "run_name=r"])
-    _ok(res)
-    return out / "r"
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,7 @@ def test_png_and_npy_agree_with_the_eval_path(run, reference, tmp_path):
     files = [str(tmp_path / n) for n in ("s0.png", "s1.npy", "s2.jpg", "gray.npy", "big.png")]
     res = run_cli(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--json", "--top-k", "10",
                    *files], timeout=120)
-    _ok(res)
+    assert_ok(res)
     results = json.loads(res.stdout)["results"]
     assert [r["file"] for r in results] == files
     for r, expected in zip(results[:2], probs[:2]):
@@ -106,7 +96,7 @@ def test_model_pth_takes_class_names_and_normalisation_from_best_pt(run, referen
     Image.fromarray(raw[0]).save(tmp_path / "s0.png")
     a = run_cli(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(tmp_path / "s0.png")])
     b = run_cli(["predict", "--checkpoint", str(run / "checkpoints" / "model.pth"), str(tmp_path / "s0.png")])
-    _ok(a), _ok(b)
+    assert_ok(a), assert_ok(b)
     assert a.stdout == b.stdout and a.stdout.count(", ") == 2  # top 3 by default
     alone = tmp_path / "alone"
     alone.mkdir()

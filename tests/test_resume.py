@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, TINY, clean_env, run_cli
+from .helpers import ROOT, TINY, assert_ok, clean_env, run_cli
 
 # Augmentation on: the exactness must not depend on it being off.
 CFG = TINY + ["data.augment=true", "checkpoint.every_steps=2", "checkpoint.keep=100"]
@@ -43,14 +43,11 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["test"] == json.loads((ref / "metrics.json").read_text())["test"]
 
 
-def _ok(res: subprocess.CompletedProcess) -> None:
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume")
-    _ok(run_cli([*CFG, f"out_dir={out}", "run_name=ref"], nproc=2))
+    assert_ok(run_cli([*CFG, f"out_dir={out}", "run_name=ref"], nproc=2))
     return out / "ref"
 
 
@@ -61,7 +58,7 @@ def ref(tmp_path_factory) -> Path:
 def test_resume_from_any_step_is_exact(ref, tmp_path, step, extra):
     ckpt = ref / "checkpoints" / f"step-{step:08d}.pt"
     res = run_cli([*CFG, *extra, f"out_dir={tmp_path}", "run_name=r", f"resume={ckpt}"], nproc=2)
-    _ok(res)
+    assert_ok(res)
     epoch, in_epoch = divmod(step, STEPS_PER_EPOCH)
     assert f"resumed from epoch {epoch + 1} step {in_epoch} (global step {step})" in res.stdout
     _assert_same_run(tmp_path / "r", ref)
@@ -70,7 +67,7 @@ def test_resume_from_any_step_is_exact(ref, tmp_path, step, extra):
 def test_resume_on_another_world_size_is_close(ref, tmp_path):
     """2 ranks -> 1 process: the same global batches, so the same run up to float rounding."""
     res = run_cli([*CFG, f"out_dir={tmp_path}", "run_name=r", f"resume={ref / 'checkpoints' / 'step-00000006.pt'}"])
-    _ok(res)
+    assert_ok(res)
     assert "world size 2 -> 1" in res.stdout
     a, b = _weights(tmp_path / "r"), _weights(ref)
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point() and "running" not in k)
@@ -107,7 +104,7 @@ def test_sigterm_checkpoints_then_resume_auto_finishes_exactly(ref, tmp_path):
     assert not (tmp_path / "r" / "metrics.json").exists() or len(_history(tmp_path / "r")) < 2
 
     res = run_cli([*args, "resume=auto"], nproc=2)
-    _ok(res)
+    assert_ok(res)
     assert "resumed from epoch" in res.stdout
     _assert_same_run(tmp_path / "r", ref)
     # TensorBoard continues the same curves: no step logged twice across the two processes.
@@ -148,7 +145,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_previous_good_one(ref, tmp_
     (folder / "step-00000006.pt").write_bytes(data[: len(data) // 2])     # truncated
     (folder / "step-00000005.pt").write_bytes(b"")                        # empty
     res = run_cli([*CFG, f"out_dir={tmp_path}", "run_name=r", "resume=auto"], nproc=2)
-    _ok(res)
+    assert_ok(res)
     for step in (8, 6, 5):
         assert sum(f"step-{step:08d}.pt is damaged" in line for line in res.stderr.splitlines()) == 1, res.stderr
     assert "resumed from epoch 1 step 4 (global step 4)" in res.stdout
@@ -169,7 +166,7 @@ def test_malicious_pickle_is_refused_and_never_runs(ref, tmp_path):
     torch.save({"model": _Payload(marker), "global_step": 99}, folder / "step-00000099.pt")
     assert not marker.exists()
     res = run_cli([*CFG, f"out_dir={tmp_path}", "run_name=r", "resume=auto"], nproc=2)
-    _ok(res)
+    assert_ok(res)
     assert "step-00000099.pt is refused: not a plain checkpoint, it would run code" in res.stderr
     assert not marker.exists(), "the pickle's payload ran"
     assert "resumed from epoch 2 step 3 (global step 8)" in res.stdout
