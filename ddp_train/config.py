@@ -7,6 +7,7 @@ Config flows one way: defaults -> YAML file -> ``key=value`` overrides -> a vali
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -303,17 +304,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, train:, ...)")
         raw = loaded
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A validated Config from a plain mapping (a YAML file's, or a checkpoint's :meth:`Config.to_dict`),
+    with ``key=value`` overrides on top."""
+    raw = copy.deepcopy(values)
     for text in overrides:
         parts, value = parse_override(text)
         _merge(raw, parts, value, text)
     cfg = _build(Config, raw, "")
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a validated Config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
-    cfg = _build(Config, values, "")
     validate(cfg)
     return cfg
 

@@ -12,7 +12,6 @@ run's TensorBoard.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -22,7 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .config import Config, ConfigError, UserError, _merge, config_from_dict, parse_override
+from .config import Config, ConfigError, UserError, config_from_dict
 
 SPLITS = ("test", "valid")
 
@@ -92,15 +91,6 @@ def split_and_overrides(args: list[str]) -> tuple[str, list[str]]:
     return split, overrides
 
 
-def config_with_overrides(base: dict[str, Any], overrides: list[str]) -> Config:
-    """The checkpoint's config with ``key=value`` overrides on top, validated."""
-    raw = copy.deepcopy(base)
-    for text in overrides:
-        parts, value = parse_override(text)
-        _merge(raw, parts, value, text)
-    return config_from_dict(raw)
-
-
 def default_run_dir(checkpoint: Path) -> Path | None:
     """The run folder a checkpoint lies in (``<run>/checkpoints/<file>``), if any."""
     parent = checkpoint.resolve().parent
@@ -112,7 +102,7 @@ def default_run_dir(checkpoint: Path) -> Path | None:
 
 def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
     """The dataset, checked against the checkpoint, normalised with the training statistics."""
-    from .trainer import _attempt, load_dataset_agreed
+    from .trainer import attempt, load_dataset_agreed
 
     dataset = load_dataset_agreed(cfg, ctx)
 
@@ -128,7 +118,7 @@ def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
         # The statistics the model was trained with (image_folder measures them on the data it sees).
         return dataclasses.replace(dataset, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
-    dataset, error = _attempt(check)
+    dataset, error = attempt(check)
     ctx.agree(error)
     return dataset
 
@@ -140,7 +130,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     from .data import build_splits
     from .data.loaders import eval_loader
     from .engine import Batcher, autocast_dtype, evaluate
-    from .trainer import _attempt
+    from .trainer import attempt
 
     dataset = _dataset(cfg, trained, ctx)
 
@@ -152,7 +142,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
                             f"evaluate split=valid, or point data.root at data with test/")
         return chosen
 
-    ds, error = _attempt(pick)
+    ds, error = attempt(pick)
     ctx.agree(error)
     per_rank = max(1, math.ceil(cfg.train.batch_size / ctx.world_size))
     workers = cfg.data.num_workers if ds.source.paths is not None else 0  # in-memory: no worker processes
@@ -287,7 +277,7 @@ def main(argv: list[str]) -> int:
     try:
         split, overrides = split_and_overrides(args.args)
         trained = load_trained(args.checkpoint)
-        cfg = config_with_overrides(trained.config, overrides)
+        cfg = config_from_dict(trained.config, overrides)
         model = build_trained_model(trained, cfg.model.name)
         if args.output and Path(args.output).is_dir():
             raise UserError(f"--output {args.output} is a folder; name a file")

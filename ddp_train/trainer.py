@@ -26,7 +26,8 @@ from .syncbn import convert_sync_batchnorm
 from .tracking import NullTracker, Tracker
 
 
-def _attempt(fn: Any, *args: Any) -> tuple[Any, UserError | None]:
+def attempt(fn: Any, *args: Any) -> tuple[Any, UserError | None]:
+    """(fn(*args), None), or (None, the UserError it raised): for :meth:`DistContext.agree`."""
     try:
         return fn(*args), None
     except UserError as e:
@@ -41,13 +42,13 @@ def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
     """
     if cfg.data.download and ctx.distributed:
         first = ctx.local_rank == 0
-        dataset, error = _attempt(load_dataset, cfg.data) if first else (None, None)
+        dataset, error = attempt(load_dataset, cfg.data) if first else (None, None)
         ctx.agree(error)
         if not first:
-            dataset, error = _attempt(load_dataset, cfg.data)
+            dataset, error = attempt(load_dataset, cfg.data)
         ctx.agree(error)
         return dataset
-    dataset, error = _attempt(load_dataset, cfg.data)
+    dataset, error = attempt(load_dataset, cfg.data)
     ctx.agree(error)
     return dataset
 
@@ -165,7 +166,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
     run_dir = prepare_run_dir(cfg, ctx, resume)
     dataset = load_dataset_agreed(cfg, ctx)
-    data, error = _attempt(build_data, dataset, cfg, ctx)
+    data, error = attempt(build_data, dataset, cfg, ctx)
     ctx.agree(error)
     assert isinstance(data, DataBundle)
 
