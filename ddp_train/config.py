@@ -144,6 +144,9 @@ class DistConfig:
 
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo otherwise")
     timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait)")
+    bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bigger: fewer, larger all-reduces)")
+    gradient_as_bucket_view: bool = _f(False, "DDP: gradients are views into the all-reduce buckets (saves a copy)")
+    static_graph: bool = _f(False, "DDP static_graph: the set of used parameters never changes (lets DDP skip work)")
 
 
 @dataclass
@@ -346,6 +349,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "a number in [0, train.epochs)", t.warmup_epochs)
     _check(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1", t.log_every_steps)
     _check(dist.timeout_s >= 1, "dist.timeout_s", "an integer >= 1", dist.timeout_s)
+    _check(dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0", dist.bucket_cap_mb)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
     _check(cfg.resume is None or cfg.resume == "auto" or cfg.resume.endswith((".pt", ".pth")), "resume",

@@ -151,7 +151,9 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     if ctx.distributed:
-        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+                    static_graph=cfg.dist.static_graph)
     elif ctx.data_parallel:
         model = nn.DataParallel(model)
     return model, model_without_ddp
