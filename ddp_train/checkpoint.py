@@ -123,10 +123,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:120] if text else "empty"
 
 
-def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(checkpoint, "") or (None, why it cannot be used)."""
+def safe_load(path: Path) -> tuple[Any, str]:
+    """(the object in ``path``, "") or (None, why it cannot be loaded: "refused: ..." or "damaged (...)")."""
     try:
-        state = load_checkpoint(path)
+        return load_checkpoint(path), ""
     except pickle.UnpicklingError as e:
         # weights_only refuses any pickle that names a global (a function or class it would call).
         lines = [line.strip() for line in str(e).splitlines() if line.strip()
@@ -135,8 +135,15 @@ def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
         if "global" in detail.lower():
             return None, f"refused: not a plain checkpoint, it would run code ({detail})"
         return None, f"damaged (UnpicklingError: {detail})"
-    except Exception as e:  # truncated zip, garbage, empty file: all mean "damaged"
+    except Exception as e:  # truncated zip, garbage, empty file, a folder: all mean "damaged"
         return None, f"damaged ({type(e).__name__}: {_first_line(e)})"
+
+
+def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(checkpoint, "") or (None, why it cannot be used)."""
+    state, why = safe_load(path)
+    if why:
+        return None, why
     if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
         return None, "damaged (not a ddp_train checkpoint: no model/global_step)"
     return state, ""

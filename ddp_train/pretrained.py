@@ -14,7 +14,6 @@ crafted pickle is refused, never run):
 
 from __future__ import annotations
 
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import safe_load
 from .config import UserError
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -38,18 +38,10 @@ def read_weights_file(path: str | Path, what: str) -> Any:
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"{what}: {p} does not exist")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
-            ("Weights only load failed", "Please file", "Check the documentation"))]
-        detail = (lines[0] if lines else "empty")[:100]
-        if "global" in detail.lower():
-            raise WeightsError(f"{what}: {p} is refused: not a plain weights file, it would run code ({detail})") from None
-        raise WeightsError(f"{what}: {p} is damaged or not a PyTorch file (UnpicklingError: {detail})") from None
-    except Exception as e:  # truncated zip, garbage, empty file, a folder
-        first = (str(e).strip().splitlines() or ["empty"])[0][:120]
-        raise WeightsError(f"{what}: {p} cannot be read as a PyTorch file ({type(e).__name__}: {first})") from None
+    obj, why = safe_load(p)
+    if why:
+        raise WeightsError(f"{what}: {p} is {why}")
+    return obj
 
 
 def _is_state_dict(obj: Any) -> bool:
