@@ -32,7 +32,7 @@ def test_synthetic_is_deterministic_and_prefix_stable():
     assert counts.min() > 100  # every class present, roughly balanced
     xt, _ = synthetic.generate("test", 100)
     assert not np.array_equal(xt, x1[:100])  # test images are not training images
-    # Not random noise: images of one class are closer to their class mean than to others'.
+    # Real images, not a constant fill (learnability itself is shown by the default run's accuracy).
     flat = x1.reshape(len(x1), -1).astype(np.float32)
     assert flat.std() > 30
 

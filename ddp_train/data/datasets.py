@@ -102,8 +102,10 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     n_test = n_test if cfg.subset is None else min(cfg.subset, n_test)
     xtr, ytr = synthetic.generate("train", n_train)
     xte, yte = synthetic.generate("test", n_test)
-    # Statistics from a fixed prefix, so they do not change with data.subset.
-    mean, std = _stats(synthetic.generate("train", 1000)[0])
+    # Statistics from a fixed prefix, so they do not change with data.subset (generated again only
+    # when the training set is shorter than the prefix).
+    prefix = xtr[:1000] if len(xtr) >= 1000 else synthetic.generate("train", 1000)[0]
+    mean, std = _stats(prefix)
     return Dataset("synthetic", list(synthetic.CLASSES), 3, synthetic.SIZE, mean, std,
                    Source(ytr, xtr), None, Source(yte, xte))
 
