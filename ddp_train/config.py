@@ -68,8 +68,22 @@ class DataConfig:
     )
     augment: bool = _f(
         False,
-        "train-time augmentation: resize 1.25x, random-resized-crop (scale 0.64-1), "
-        "horizontal flip, cutout of half the image side (the notebook recipe)",
+        "train-time augmentation: a random crop (data.crop), horizontal flip, and a cutout square "
+        "(data.cutout) on the normalised image; the notebook recipe with the defaults",
+    )
+    crop: Literal["resized", "pad"] = _f(
+        "resized",
+        "augment's crop: resized (the notebook: resize 1.25x, random-resized-crop of 64-100% of the "
+        "area back to the image size) or pad (pad data.crop_padding black pixels, random crop)",
+    )
+    crop_padding: int = _f(4, "crop=pad: pixels of padding on each side")
+    cutout: int | None = _f(None, "augment's cutout: side of the zeroed square; null is half the image side (the notebook), 0 none")
+    device_resident: Literal["auto"] | bool = _f(
+        "auto",
+        "keep the uint8 images on the training device and batch, augment and normalise them there "
+        "(same sample order, splits and resume as the DataLoader path): auto is on for in-memory "
+        "datasets on CUDA when they take under a quarter of the free GPU memory; true also on CPU "
+        "(in-process, no loader workers); image_folder always uses the DataLoader",
     )
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 loads in the training process)")
     image_size: int = _f(
@@ -130,10 +144,15 @@ class TrainConfig:
     deterministic: bool = _f(
         False, "deterministic algorithms (cudnn.deterministic, no benchmark); slower on GPU"
     )
-    precision: Literal["auto", "fp32", "bf16"] = _f(
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto",
-        "autocast precision: auto is bf16 on CUDA GPUs that support it and on CPUs with native "
-        "bf16 (AVX512-BF16/AMX), else fp32",
+        "autocast precision: auto is bf16 on CUDA GPUs that support it (fp16 on older ones) and on "
+        "CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp16 uses a gradient scaler, saved in "
+        "checkpoints (on CPU fp16 is emulated and very slow)",
+    )
+    compile: bool = _f(False, "torch.compile the model (pays off on long GPU runs; compiling takes tens of seconds)")
+    test_weights: Literal["best", "final"] = _f(
+        "best", "weights the test split is evaluated with: best (lowest valid loss, the notebook) or final"
     )
     log_every_steps: int = _f(10, "log the global training loss to TensorBoard every N steps")
 
@@ -198,7 +217,7 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(parts) + " or null"
+        return " or ".join(parts) + (" or null" if type(None) in typing.get_args(tp) else "")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -333,6 +352,10 @@ def validate(cfg: Config) -> None:
     _check(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "a number between 0 and 1 (exclusive)", d.valid_fraction)
     _check(d.subset is None or d.subset >= 2, "data.subset", "null or an integer >= 2", d.subset)
     _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _check(d.crop_padding >= 0, "data.crop_padding", "an integer >= 0", d.crop_padding)
+    _check(d.cutout is None or d.cutout >= 0, "data.cutout", "null or an integer >= 0", d.cutout)
+    _check(d.device_resident is not True or d.name != "image_folder", "data.device_resident",
+           "auto or false for image_folder (its images are files, read by the DataLoader)", d.device_resident)
     _check(d.image_size >= 8, "data.image_size", "an integer >= 8", d.image_size)
     _check(d.synthetic_size >= 10, "data.synthetic_size", "an integer >= 10", d.synthetic_size)
     _check(d.name != "image_folder" or d.root is not None, "data.root",

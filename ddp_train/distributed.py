@@ -111,6 +111,9 @@ class DistContext:
     data_parallel: bool = False  # single process driving several GPUs through nn.DataParallel
     restart_count: int = 0
     run_id: str | None = None
+    # A gloo group beside NCCL for host-side agreement (stop flags, errors): a CPU all-reduce
+    # that never waits for the GPU queue to drain, unlike an NCCL one read back with .item().
+    control_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -150,10 +153,18 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def _host_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a small CPU tensor over ranks without synchronising the GPU (the control group under NCCL)."""
+        if not self.distributed:
+            return tensor
+        if self.control_group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control_group)
+            return tensor
+        return self.all_reduce_sum(tensor.to(self.device)).cpu()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.all_reduce_sum(t).item() > 0)
+        return bool(self._host_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
 
     def agree(self, error: BaseException | None) -> None:
         """Called on every rank after a step that may fail on some: if any rank failed, all stop.
@@ -162,9 +173,9 @@ class DistContext:
         one message is printed); the others raise :class:`PeerFailed`. This keeps a bad input on
         one rank from leaving the others blocked in the next collective.
         """
-        flags = torch.zeros(self.world_size, device=self.device)
+        flags = torch.zeros(self.world_size)
         flags[self.rank] = 1.0 if error is not None else 0.0
-        failed = self.all_reduce_sum(flags).nonzero().flatten().tolist()
+        failed = self._host_sum(flags).nonzero().flatten().tolist()
         if error is not None:
             error.report = failed[0] == self.rank  # type: ignore[attr-defined]
             raise error
@@ -217,8 +228,9 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
                 world_size=launch.world_size,
                 timeout=timeout,
             )
+    control = dist.new_group(backend="gloo") if backend == "nccl" and launch.world_size > 1 else None
     return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
-                       restart_count=launch.restart_count, run_id=launch.run_id)
+                       restart_count=launch.restart_count, run_id=launch.run_id, control_group=control)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -129,7 +129,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
 
     from .data import build_splits
     from .data.loaders import eval_loader
-    from .engine import Batcher, autocast_dtype, evaluate
+    from .engine import Batcher, autocast_dtype, evaluate, precision_name
     from .trainer import attempt
 
     dataset = _dataset(cfg, trained, ctx)
@@ -150,12 +150,15 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     model = model.to(ctx.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(cfg.train.precision, ctx.device)
+    precision = cfg.train.precision
+    if precision == "fp16" and ctx.device.type == "cpu":  # a GPU fp16 run evaluated on CPU: fp16 is emulated here
+        precision = "fp32"
+    amp_dtype = autocast_dtype(precision, ctx.device)
     classes = trained.classes
     result = evaluate(model, loader, ctx, Batcher(ctx.device, cfg.model.channels_last), amp_dtype, len(classes))
     report = {
         "checkpoint": str(trained.path), "global_step": trained.global_step, "split": split,
-        "world_size": ctx.world_size, "precision": "bf16" if amp_dtype is not None else "fp32",
+        "world_size": ctx.world_size, "precision": precision_name(amp_dtype),
         "loss": result.loss, "acc": result.acc, "count": result.count, "classes": classes,
         "per_class_acc": dict(zip(classes, result.per_class_acc())),
         "per_class_count": dict(zip(classes, (int(n) for n in result.confusion.sum(1)))),

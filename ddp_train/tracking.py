@@ -87,7 +87,8 @@ class Tracker(NullTracker):
     def log_test(self, result: dict[str, Any]) -> None:
         self.test = result
         self._write_metrics()
-        self.info(f"test | loss {result['loss']:.4f} | acc {result['acc']:.4f} | count {result['count']}")
+        self.info(f"test | loss {result['loss']:.4f} | acc {result['acc']:.4f} | count {result['count']} "
+                  f"| {result.get('weights', 'best')} weights")
         worst = sorted(result["per_class_acc"].items(), key=lambda kv: kv[1])
         self.info("test per-class acc: " + ", ".join(f"{k} {v:.3f}" for k, v in worst))
 

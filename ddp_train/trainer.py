@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, Checkpointer, atomic_write_text, newest
 from .config import Config, UserError, dump_yaml
 from .data import DataBundle, Dataset, build_data, load_dataset
 from .distributed import DistContext
-from .engine import Batcher, autocast_dtype, evaluate, train_one_epoch
+from .engine import Batcher, autocast_dtype, evaluate, grad_scaler, precision_name, train_one_epoch
 from .models import build_model
 from .optim import Schedule, build_optimizer
 from .seeding import get_rng_state, rank_seed, seed_all, set_determinism, set_rng_state
@@ -156,6 +156,11 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
                     static_graph=cfg.dist.static_graph)
     elif ctx.data_parallel:
         model = nn.DataParallel(model)
+    if cfg.train.compile:
+        # Compiling the DDP wrapper (not the bare module) lets dynamo split the graph at bucket
+        # boundaries so gradient all-reduces still overlap the backward pass. Checkpoints keep
+        # using model_without_ddp, whose keys carry no _orig_mod. prefix.
+        model = torch.compile(model)  # type: ignore[assignment]
     return model, model_without_ddp
 
 
@@ -175,12 +180,14 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     resumed = load_resume_checkpoint(resume, run_dir, ctx)
     ckpt = resumed[0] if resumed else None
     # A resumed run takes its weights from the checkpoint: model.init_from is not read again.
+    amp_dtype, error = attempt(autocast_dtype, cfg.train.precision, ctx.device)
+    ctx.agree(error)
     model, model_without_ddp = build_training_model(cfg, dataset, ctx, None if ckpt else cfg.model.init_from)
     seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
     optimizer = build_optimizer(model, cfg.train)
     steps_per_epoch = len(data.train)
     schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
-    amp_dtype = autocast_dtype(cfg.train.precision, ctx.device)
+    scaler = grad_scaler(ctx.device, amp_dtype)
     batcher = Batcher(ctx.device, cfg.model.channels_last)
     checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep)
     num_classes = len(dataset.classes)
@@ -194,6 +201,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         best_loss, best_step, history = ckpt["best_valid_loss"], ckpt["best_step"], list(ckpt["history"])
         epoch_lr = ckpt["epoch_lr"] if step_in_epoch else None
@@ -213,7 +222,9 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         f"run {run_dir} | {ctx.launcher} x{ctx.world_size} on {ctx.device} | {dataset.name}: "
         f"{len(data.train.dataset)} train / {len(data.valid.dataset)} valid / "
         f"{len(data.test.dataset) if data.test else 0} test, {num_classes} classes | {cfg.model.name} | "
-        f"{'bf16' if amp_dtype is not None else 'fp32'} | global batch {cfg.train.batch_size}"
+        f"{precision_name(amp_dtype)}{' + compile' if cfg.train.compile else ''} | "
+        f"{'device-resident data' if data.device_resident else f'{cfg.data.num_workers} loader workers'} | "
+        f"global batch {cfg.train.batch_size}"
     )
     if ckpt is not None:
         tracker.info(f"resumed from epoch {epoch + 1} step {step_in_epoch} (global step {ckpt['global_step']})"
@@ -227,7 +238,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         state = {
             "format": 2, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": None, "best_valid_loss": best_loss, "best_step": best_step,
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best_valid_loss": best_loss, "best_step": best_step,
             "history": list(tracker.history), "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
             "world_size": ctx.world_size, "partial": partials, "rng": rngs, "epoch_lr": lr,
         }
@@ -259,7 +271,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
 
             result = train_one_epoch(
                 model, data.train, optimizer, schedule, ctx, batcher, amp_dtype, cfg.train.label_smoothing,
-                on_step, lambda it, e=epoch: tracker.progress(it, len(data.train), f"epoch {e + 1}/{cfg.train.epochs}"),
+                scaler, on_step, lambda it, e=epoch: tracker.progress(it, len(data.train), f"epoch {e + 1}/{cfg.train.epochs}"),
                 start_step=step_in_epoch, start_partial=partial,
             )
             valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
@@ -277,19 +289,24 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             epoch, step_in_epoch, partial = epoch + 1, 0, (0.0, 0)
             save(epoch, 0, partial, schedule.lr, improved)
             tracker.log_epoch(record, epoch * steps_per_epoch)
+            # Everything but the training steps (evaluation, checkpoint, logging): what an epoch costs on top.
+            tracker.scalar("time/epoch_overhead_s", time.perf_counter() - epoch_start - result.seconds,
+                           epoch * steps_per_epoch)
             if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop at the boundary
                 raise Preempted(stop_flag.name or "a signal to another rank", str(checkpointer.last))
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
-        if best_state is None and resumed is not None and best_step >= 0:  # the best epoch came before the resume
+        if cfg.train.test_weights == "final":
+            best_state = None  # test what training ended with
+        elif best_state is None and resumed is not None and best_step >= 0:  # the best epoch came before the resume
             best_state = find_best_weights(best_step, [checkpointer.folder, resumed[1].parent])
             if best_state is None:
                 tracker.info(f"best weights (global step {best_step}) not found; testing the final weights")
         if best_state is not None:
             model_without_ddp.load_state_dict(best_state)
         test = evaluate(model_without_ddp, data.test, ctx, batcher, amp_dtype, num_classes)
-        test_metrics = test.to_dict(dataset.classes)
+        test_metrics = {**test.to_dict(dataset.classes), "weights": "final" if best_state is None else "best"}
         tracker.log_test(test_metrics)
     else:
         tracker.info("no test split (image_folder without test/): skipping the test evaluation")

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-
-from torch.utils.data import DataLoader
+import torch
 
 from ..config import Config
 from ..distributed import DistContext
+from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
-from .loaders import SplitDataset, eval_loader, split_indices, train_loader
-from .transforms import eval_transform, train_transform
+from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_indices, train_loader
+from .resident import DeviceImages, ResidentEvalLoader, ResidentTrainLoader, nbytes
+from .transforms import cutout_side, eval_transform, train_transform
+
+
+class Batches(Sized, Iterable, Protocol):
+    """What the loop needs from a loader: (images, labels) batches, their count, and the split."""
+
+    dataset: SplitDataset
 
 __all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset"]
 
@@ -22,9 +31,14 @@ class DataBundle:
     """What the training loop needs from the data."""
 
     dataset: Dataset
-    train: DataLoader
-    valid: DataLoader
-    test: DataLoader | None
+    train: Batches  # a DataLoader or a ResidentTrainLoader; both carry an EpochDistributedSampler
+    valid: Batches
+    test: Batches | None
+    device_resident: bool = False
+
+    @property
+    def sampler(self) -> EpochDistributedSampler:
+        return self.train.sampler  # type: ignore[attr-defined]
 
     @property
     def classes(self) -> list[str]:
@@ -35,7 +49,8 @@ def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitData
     """Train / valid / test views with their transforms (valid and test get the evaluation transform)."""
     d = dataset
     evaluation = eval_transform(d.mean, d.std)
-    training = train_transform(d.image_size, d.mean, d.std, cfg.data.augment)
+    training = train_transform(d.image_size, d.mean, d.std, cfg.data.augment, cfg.data.crop, cfg.data.crop_padding,
+                               cfg.data.cutout)
     if d.valid is not None:
         train = SplitDataset(d.train, np.arange(len(d.train)), training, cfg.train.seed)
         valid = SplitDataset(d.valid, np.arange(len(d.valid)), evaluation)
@@ -47,10 +62,31 @@ def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitData
     return train, valid, test
 
 
+def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> bool:
+    """data.device_resident resolved: auto means CUDA, in memory, and under a quarter of the free memory."""
+    sources = [s for s in (dataset.train, dataset.valid, dataset.test) if s is not None]
+    in_memory = all(s.images is not None for s in sources)
+    if cfg.data.device_resident is not True and cfg.data.device_resident != "auto":
+        return False
+    if not in_memory:
+        if cfg.data.device_resident is True:
+            raise DataError(f"data.device_resident=true needs an in-memory dataset, and {dataset.name} reads "
+                            f"image files; set data.device_resident=auto or false")
+        return False
+    if cfg.data.device_resident is True:
+        return True
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(nbytes(s.images) for s in sources) < free // 4
+
+
 def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     """Per-rank loaders over ``dataset``; the per-rank batch is the global batch / world size."""
     train, valid, test = build_splits(dataset, cfg)
     per_rank = cfg.train.batch_size // ctx.world_size
+    if use_device_resident(dataset, cfg, ctx.device):
+        return _resident(dataset, cfg, ctx, train, valid, test, per_rank)
     pin = ctx.device.type == "cuda"
     workers = cfg.data.num_workers
     # In-memory evaluation needs only a float conversion; worker processes would cost more than they save.
@@ -60,4 +96,32 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
         train_loader(train, per_rank, ctx.rank, ctx.world_size, cfg.train.seed, workers, pin),
         eval_loader(valid, per_rank, ctx.rank, ctx.world_size, eval_workers, pin),
         eval_loader(test, per_rank, ctx.rank, ctx.world_size, eval_workers, pin) if test is not None else None,
+    )
+
+
+def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDataset, valid: SplitDataset,
+              test: SplitDataset | None, per_rank: int) -> DataBundle:
+    stores: dict[int, DeviceImages] = {}  # one device copy per source (train and valid share one)
+
+    def store(split: SplitDataset) -> DeviceImages:
+        key = id(split.source)
+        if key not in stores:
+            assert split.source.images is not None
+            stores[key] = DeviceImages(split.source.images, split.source.labels, dataset.mean, dataset.std, ctx.device)
+        return stores[key]
+
+    d = cfg.data
+    augment = BatchAugment(dataset.image_size, d.crop, d.crop_padding, cutout_side(dataset.image_size, d.cutout)) \
+        if d.augment else None
+    if len(train) // ctx.world_size < per_rank:
+        from ..config import ConfigError
+
+        raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
+                          f"batch; lower train.batch_size or raise data.subset")
+    return DataBundle(
+        dataset,
+        ResidentTrainLoader(train, store(train), per_rank, ctx.rank, ctx.world_size, cfg.train.seed, augment),
+        ResidentEvalLoader(valid, store(valid), per_rank, ctx.rank, ctx.world_size),
+        ResidentEvalLoader(test, store(test), per_rank, ctx.rank, ctx.world_size) if test is not None else None,
+        device_resident=True,
     )

@@ -1,7 +1,8 @@
 """The notebook's train and evaluation transforms, on uint8 CHW tensors.
 
 Train: Resize(1.25 x size) -> RandomResizedCrop(size, scale 0.64-1, ratio 1) -> horizontal
-flip -> to float -> Normalize(dataset statistics) -> Cutout(1 hole, half the side).
+flip -> to float -> Normalize(dataset statistics) -> Cutout(1 hole, half the side); the crop may
+instead be pad-and-crop and the cutout another size (data.crop, data.cutout).
 Evaluation (validation and test): to float -> Normalize. The statistics come from the
 dataset, since the notebook's CIFAR numbers are wrong for grayscale data.
 """
@@ -46,15 +47,30 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Transform:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augment: bool) -> Transform:
-    """The notebook recipe scaled to ``size`` (40/32 for 32x32 images); evaluation transform if not ``augment``."""
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
+                    crop: str = "resized", padding: int = 4, cutout: int | None = None) -> Transform:
+    """The notebook recipe scaled to ``size`` (40/32 for 32x32 images); evaluation transform if not ``augment``.
+
+    ``crop="pad"`` replaces Resize + RandomResizedCrop by a random crop of the image padded with
+    ``padding`` black pixels; ``cutout`` is the side of the zeroed square (None: half the side, 0: none).
+    """
     if not augment:
         return eval_transform(mean, std)
+    if crop == "resized":
+        cropping = [v2.Resize(round(size * 1.25), antialias=True),
+                    v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
+    else:
+        cropping = [v2.RandomCrop(size, padding=padding)]
+    side = cutout_side(size, cutout)
     return v2.Compose([
-        v2.Resize(round(size * 1.25), antialias=True),
-        v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True),
+        *cropping,
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
-        Cutout(1, size // 2),
+        *([Cutout(1, side)] if side else []),
     ])
+
+
+def cutout_side(size: int, cutout: int | None) -> int:
+    """data.cutout resolved: None is the notebook's half of the image side."""
+    return size // 2 if cutout is None else cutout
