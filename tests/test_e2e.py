@@ -77,7 +77,10 @@ def test_tensorboard_one_event_file_read_back(runs):
     acc = EventAccumulator(str(files[0]), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/loss_epoch", "valid/loss", "valid/acc", "lr", "throughput/img_per_s"} <= scalars
+    assert {"train/loss", "train/loss_epoch", "valid/loss", "valid/acc", "lr", "throughput/img_per_s",
+            "time/epoch_overhead_s"} <= scalars
+    # What an epoch costs besides its steps (evaluation, checkpoint, logging), for a small model.
+    assert all(0 < e.value < 5 for e in acc.Scalars("time/epoch_overhead_s"))
     history = json.loads((out / "two" / "metrics.json").read_text())["history"]
     assert [round(e.value, 5) for e in acc.Scalars("valid/acc")] == [round(h["valid_acc"], 5) for h in history]
     assert [e.step for e in acc.Scalars("train/loss")] == [10]  # log_every_steps 10, 10 steps in all
