@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ class Checkpointer:
 
     def __init__(self, folder: Path, enabled: bool, keep: int = 2) -> None:
         self.folder, self.enabled, self.keep = Path(folder), enabled, keep
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def last(self) -> Path:
@@ -96,11 +99,43 @@ class Checkpointer:
     def weights(self) -> Path:
         return self.folder / "model.pth"
 
-    def save(self, state: dict[str, Any], step: int, improved: bool = False) -> Path:
-        """Write the step file, point ``last.pt`` (and ``best.pt`` and ``model.pth`` when ``improved``) at it."""
+    def save(self, state: dict[str, Any], step: int, improved: bool = False, background: bool = False) -> Path:
+        """Write the step file, point ``last.pt`` (and ``best.pt`` and ``model.pth`` when ``improved``) at it.
+
+        ``background``: copy the tensors (a memory copy, tens of milliseconds) and write from a
+        thread while training goes on; the write is atomic either way, so a crash meanwhile
+        leaves the previous checkpoint as the newest. Writes stay in order: a save first waits
+        for the previous one.
+        """
         path = step_file(self.folder, step)
         if not self.enabled:
             return path
+        self.wait()
+        if not background:
+            self._write(state, path, improved)
+            return path
+        snapshot = _snapshot(state)
+        self._writer = threading.Thread(target=self._write_catching, args=(snapshot, path, improved),
+                                        name="ddp_train-checkpoint")
+        self._writer.start()
+        return path
+
+    def wait(self) -> None:
+        """Block until a background write is on disk; re-raise its error, if any."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_catching(self, state: dict[str, Any], path: Path, improved: bool) -> None:
+        try:
+            self._write(state, path, improved)
+        except BaseException as e:  # reported by the next wait(), on the training thread
+            self._error = e
+
+    def _write(self, state: dict[str, Any], path: Path, improved: bool) -> None:
         atomic_save(state, path)
         _link(path, self.last)
         if improved:
@@ -108,7 +143,17 @@ class Checkpointer:
             atomic_save(state["model"], self.weights)
         for old in sorted(self.folder.glob(STEP_GLOB))[: -self.keep]:
             old.unlink()
-        return path
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are private CPU copies (training keeps changing the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _step_of(path: Path) -> int:

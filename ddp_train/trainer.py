@@ -230,7 +230,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         tracker.info(f"resumed from epoch {epoch + 1} step {step_in_epoch} (global step {ckpt['global_step']})"
                      + (f", world size {ckpt['world_size']} -> {ctx.world_size}" if ckpt["world_size"] != ctx.world_size else ""))
 
-    def save(epoch: int, step_in_epoch: int, partial: tuple[float, int], lr: float, improved: bool = False) -> Path:
+    def save(epoch: int, step_in_epoch: int, partial: tuple[float, int], lr: float, improved: bool = False,
+             background: bool = False) -> Path:
         """A full checkpoint; collective (every rank contributes its random state and running sums)."""
         global_step = epoch * steps_per_epoch + step_in_epoch
         partials = ctx.all_gather_object(partial)
@@ -243,8 +244,9 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             "history": list(tracker.history), "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
             "world_size": ctx.world_size, "partial": partials, "rng": rngs, "epoch_lr": lr,
         }
-        path = checkpointer.save(state, global_step, improved)
-        ctx.barrier()  # nobody runs ahead while rank 0 writes
+        path = checkpointer.save(state, global_step, improved, background)
+        if not background:
+            ctx.barrier()  # a stop checkpoint: nobody exits before rank 0 has written it
         return path
 
     best_state: dict[str, torch.Tensor] | None = None
@@ -265,7 +267,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
                 stop = ctx.any(stop_flag.signum is not None)  # all ranks stop after the same step
                 every = cfg.checkpoint.every_steps
                 if stop or (every and global_step % every == 0 and done < steps_per_epoch):
-                    path = save(e, done, (float(loss_sum.item()), samples), lr)
+                    path = save(e, done, (float(loss_sum.item()), samples), lr, background=not stop)
                     if stop:
                         raise Preempted(stop_flag.name or "a signal to another rank", str(path))
 
@@ -274,7 +276,9 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
                 scaler, on_step, lambda it, e=epoch: tracker.progress(it, len(data.train), f"epoch {e + 1}/{cfg.train.epochs}"),
                 start_step=step_in_epoch, start_partial=partial,
             )
+            eval_start = time.perf_counter()
             valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
+            eval_s = time.perf_counter() - eval_start
             schedule.step_epoch(valid.loss)
             improved = valid.loss <= best_loss  # the notebook saves on "<="
             if improved:
@@ -287,13 +291,18 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             }
             tracker.history.append(record)
             epoch, step_in_epoch, partial = epoch + 1, 0, (0.0, 0)
-            save(epoch, 0, partial, schedule.lr, improved)
+            save(epoch, 0, partial, schedule.lr, improved, background=True)  # written while the next epoch trains
             tracker.log_epoch(record, epoch * steps_per_epoch)
-            # Everything but the training steps (evaluation, checkpoint, logging): what an epoch costs on top.
-            tracker.scalar("time/epoch_overhead_s", time.perf_counter() - epoch_start - result.seconds,
+            # What an epoch costs besides its training steps and validation forward passes (set-up,
+            # checkpoint, logging); validation itself is logged next to it.
+            tracker.scalar("time/epoch_overhead_s", time.perf_counter() - epoch_start - result.seconds - eval_s,
                            epoch * steps_per_epoch)
+            tracker.scalar("time/valid_s", eval_s, epoch * steps_per_epoch)
             if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop at the boundary
+                checkpointer.wait()
+                ctx.barrier()
                 raise Preempted(stop_flag.name or "a signal to another rank", str(checkpointer.last))
+        checkpointer.wait()  # the last epoch's checkpoint is on disk before testing and returning
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
