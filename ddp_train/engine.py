@@ -187,7 +187,10 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Ba
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         pred = logits.argmax(1)
-        confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).double()
+        # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host every batch.
+        # (Sums of ones in float64 are exact in any order.)
+        cells = labels * num_classes + pred
+        confusion.scatter_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
     # One collective for everything; float64 holds counts exactly up to 2**53.
     totals = ctx.all_reduce_sum(torch.cat([loss_sum.view(1), confusion])).cpu()
     matrix = totals[1:].view(num_classes, num_classes).round().long().numpy()

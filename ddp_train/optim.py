@@ -13,10 +13,13 @@ from .config import TrainConfig
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay (the notebook's), or AdamW."""
+    # On CUDA the fused kernels update all parameters in a few launches instead of several per
+    # tensor (the step of a 62-tensor ResNet-18 is otherwise launch-bound at high img/s).
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 class Schedule:

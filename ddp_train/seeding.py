@@ -26,6 +26,8 @@ def set_determinism(deterministic: bool) -> None:
     """The notebook's cudnn switches, as a config option (deterministic costs speed on GPU)."""
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
+    # fp32 matmuls on TF32 tensor cores (Ampere and later) unless bit-stable results were asked for.
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
     if deterministic:
         # cuBLAS needs a fixed workspace for deterministic results.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
