@@ -4,7 +4,8 @@
 
 PIL transforms in a 2-worker DataLoader (Resize 40 -> RandomResizedCrop 32 -> flip -> ToTensor ->
 Normalize -> Cutout 16), ResNet-18 with the 3x3 stem, SGD(0.01, momentum 0.9, wd 5e-4), fp32,
-contiguous layout, a host sync every step (loss.item(), as the notebook's running loss does).
+contiguous layout, a host sync every step (loss.item(), as the notebook's running loss does), on the
+GPU when there is one.
 Images: ddp_train's synthetic set (CIFAR-10 is not on this machine; the shapes are the same).
 """
 
@@ -51,13 +52,15 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=args.batch_size,
                                          shuffle=True, num_workers=args.workers, drop_last=True)
     torch.manual_seed(42)
-    model = build_model("resnet18", 10)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the notebook's model.cuda()
+    model = build_model("resnet18", 10).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
     start = None
     for i, (x, y) in enumerate(loader):
         if i == args.warmup:
             start = time.perf_counter()
+        x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -65,7 +68,7 @@ def main() -> None:
         loss.item()
     seconds = time.perf_counter() - start
     print(f"notebook loop: {args.steps * args.batch_size / seconds:.1f} img/s "
-          f"(batch {args.batch_size}, {args.workers} loader workers, fp32, {torch.get_num_threads()} threads)")
+          f"(batch {args.batch_size}, {args.workers} loader workers, fp32, on {device}, {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
