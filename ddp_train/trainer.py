@@ -276,6 +276,9 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
                 scaler, on_step, lambda it, e=epoch: tracker.progress(it, len(data.train), f"epoch {e + 1}/{cfg.train.epochs}"),
                 start_step=step_in_epoch, start_partial=partial,
             )
+            # The previous checkpoint has had a whole epoch to reach the disk. Waiting here also keeps
+            # the writer thread from running while evaluation loaders fork worker processes.
+            checkpointer.wait()
             eval_start = time.perf_counter()
             valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
             eval_s = time.perf_counter() - eval_start

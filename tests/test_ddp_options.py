@@ -30,10 +30,9 @@ def _build_and_step(rank, world, overrides):
 
 
 def test_ddp_options_reach_the_wrapper_and_train():
-    on = spawn(_build_and_step, 2, ["dist.bucket_cap_mb=1", "dist.gradient_as_bucket_view=true",
-                                     "dist.static_graph=true"])
+    on = spawn(_build_and_step, 2, ["dist.bucket_cap_mb=1"])  # the defaults: bucket views and a static graph
     assert on[0][:3] == (1024 * 1024, True, True)
-    off = spawn(_build_and_step, 2, [])
+    off = spawn(_build_and_step, 2, ["dist.gradient_as_bucket_view=false", "dist.static_graph=false"])
     assert off[0][:3] == (25 * 1024 * 1024, False, False)
     # Same data, same maths: the knobs change how gradients travel, not what they are.
     for k, v in on[0][3].items():
