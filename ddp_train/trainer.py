@@ -179,9 +179,9 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
 
     resumed = load_resume_checkpoint(resume, run_dir, ctx)
     ckpt = resumed[0] if resumed else None
-    # A resumed run takes its weights from the checkpoint: model.init_from is not read again.
-    amp_dtype, error = attempt(autocast_dtype, cfg.train.precision, ctx.device)
+    amp_dtype, error = attempt(autocast_dtype, cfg.train.precision, ctx.device)  # fp16 on CPU is refused
     ctx.agree(error)
+    # A resumed run takes its weights from the checkpoint: model.init_from is not read again.
     model, model_without_ddp = build_training_model(cfg, dataset, ctx, None if ckpt else cfg.model.init_from)
     seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
     optimizer = build_optimizer(model, cfg.train)
@@ -287,7 +287,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             if improved:
                 tracker.info(f"Validation loss decreased ({best_loss:.6f} --> {valid.loss:.6f}).  Saving model ...")
                 best_loss, best_step = valid.loss, (epoch + 1) * steps_per_epoch
-                best_state = {k: v.detach().clone() for k, v in model_without_ddp.state_dict().items()}
+                if cfg.train.test_weights == "best":
+                    best_state = {k: v.detach().clone() for k, v in model_without_ddp.state_dict().items()}
             record = {
                 "epoch": epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
                 "lr": lr, "img_per_s": result.img_per_s, "epoch_s": time.perf_counter() - epoch_start,
@@ -309,9 +310,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
-        if cfg.train.test_weights == "final":
-            best_state = None  # test what training ended with
-        elif best_state is None and resumed is not None and best_step >= 0:  # the best epoch came before the resume
+        # The best epoch may have come before a resume: its weights are then in a checkpoint file.
+        if cfg.train.test_weights == "best" and best_state is None and resumed is not None and best_step >= 0:
             best_state = find_best_weights(best_step, [checkpointer.folder, resumed[1].parent])
             if best_state is None:
                 tracker.info(f"best weights (global step {best_step}) not found; testing the final weights")
