@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..distributed import DistContext
 from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
@@ -17,13 +17,13 @@ from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_i
 from .resident import DeviceImages, ResidentEvalLoader, ResidentTrainLoader, nbytes
 from .transforms import cutout_side, eval_transform, train_transform
 
+__all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset"]
+
 
 class Batches(Sized, Iterable, Protocol):
     """What the loop needs from a loader: (images, labels) batches, their count, and the split."""
 
     dataset: SplitDataset
-
-__all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset"]
 
 
 @dataclass
@@ -114,8 +114,6 @@ def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDatas
     augment = BatchAugment(dataset.image_size, d.crop, d.crop_padding, cutout_side(dataset.image_size, d.cutout)) \
         if d.augment else None
     if len(train) // ctx.world_size < per_rank:
-        from ..config import ConfigError
-
         raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
                           f"batch; lower train.batch_size or raise data.subset")
     return DataBundle(
