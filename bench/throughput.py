@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddp_train.config import load_config, validate_for_world
 from ddp_train.data import build_data, load_dataset
 from ddp_train.distributed import detect_launch, environ, init_distributed, shutdown
-from ddp_train.engine import Batcher, autocast_dtype, grad_scaler, precision_name, train_one_epoch
+from ddp_train.engine import Batcher, autocast_dtype, grad_scaler, precision_name, train_one_epoch, train_step
 from ddp_train.optim import Schedule, build_optimizer
 from ddp_train.trainer import build_training_model
 
@@ -78,16 +78,6 @@ def main() -> None:
         scaler = grad_scaler(ctx.device, amp)
         schedule = Schedule(optimizer, cfg.train, len(data.train))
 
-        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            return loss
-
         def loop(steps: int) -> float:
             """img/s of ``steps`` steps of ddp_train's own training loop (no host sync inside it)."""
             data.sampler.set_epoch(0)
@@ -119,7 +109,7 @@ def main() -> None:
             images, labels = batcher(*next(it))
             sync(ctx.device)
             t1 = time.perf_counter()
-            step(images, labels)
+            train_step(model, images, labels, optimizer, amp, scaler=scaler)
             sync(ctx.device)
             data_s += t1 - t0
             compute_s += time.perf_counter() - t1

@@ -92,6 +92,24 @@ class TrainResult:
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               amp_dtype: torch.dtype | None, label_smoothing: float = 0.0,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Forward, backward and optimizer step on one batch already on the device; returns the loss."""
+    with _autocast(images.device, amp_dtype):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -121,17 +139,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for images, labels in progress(loader):
         images, labels = batcher(images, labels)
-        with _autocast(ctx.device, amp_dtype):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler)
         schedule.step_batch()
         loss_sum += loss.detach().double() * labels.numel()
         samples += labels.numel()

@@ -191,7 +191,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     batcher = Batcher(ctx.device, cfg.model.channels_last)
     checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep)
     num_classes = len(dataset.classes)
-    sampler = data.train.sampler
+    sampler = data.sampler
     per_rank_batch = cfg.train.batch_size // ctx.world_size
 
     epoch, step_in_epoch, best_loss, best_step, history = 0, 0, float("inf"), -1, []
@@ -252,8 +252,8 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     best_state: dict[str, torch.Tensor] | None = None
     with contextlib.nullcontext(stop_flag) if stop_flag is not None else StopFlag() as stop_flag:
         while epoch < cfg.train.epochs:
-            sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            sampler.skip = step_in_epoch * per_rank_batch  # type: ignore[attr-defined]
+            sampler.set_epoch(epoch)
+            sampler.skip = step_in_epoch * per_rank_batch
             epoch_start = time.perf_counter()
             lr = epoch_lr if epoch_lr is not None else schedule.lr
             epoch_lr = None

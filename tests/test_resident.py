@@ -182,3 +182,11 @@ def test_resident_and_dataloader_train_the_same_model(tmp_path):
     assert_ok(run_cli([*base, "data.device_resident=false", "run_name=dl"]))
     a, b = _weights(tmp_path / "res"), _weights(tmp_path / "dl")
     assert np.mean([torch.equal(a[k], b[k]) for k in a]) == 1.0
+
+
+@pytest.mark.parametrize("resident", ["true", "false"])
+def test_fewer_samples_than_one_global_batch_is_refused_on_both_paths(resident):
+    # subset 40 -> 32 training samples: exactly one batch of 32; subset 30 -> 24: none.
+    assert len(_bundle([f"data.device_resident={resident}", "data.subset=40"]).train) == 1
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        _bundle([f"data.device_resident={resident}", "data.subset=30"])

@@ -85,6 +85,9 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     """Per-rank loaders over ``dataset``; the per-rank batch is the global batch / world size."""
     train, valid, test = build_splits(dataset, cfg)
     per_rank = cfg.train.batch_size // ctx.world_size
+    if len(train) // ctx.world_size < per_rank:  # both input paths drop the last partial batch
+        raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
+                          f"batch; lower train.batch_size or raise data.subset")
     if use_device_resident(dataset, cfg, ctx.device):
         return _resident(dataset, cfg, ctx, train, valid, test, per_rank)
     pin = ctx.device.type == "cuda"
@@ -113,9 +116,6 @@ def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDatas
     d = cfg.data
     augment = BatchAugment(dataset.image_size, d.crop, d.crop_padding, cutout_side(dataset.image_size, d.cutout)) \
         if d.augment else None
-    if len(train) // ctx.world_size < per_rank:
-        raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
-                          f"batch; lower train.batch_size or raise data.subset")
     return DataBundle(
         dataset,
         ResidentTrainLoader(train, store(train), per_rank, ctx.rank, ctx.world_size, cfg.train.seed, augment),

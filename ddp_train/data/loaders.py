@@ -117,13 +117,6 @@ def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: i
                  num_workers: int, pin_memory: bool) -> DataLoader:
     """Shuffled, sharded, full batches only; call ``loader.sampler.set_epoch(e)`` every epoch."""
     sampler = EpochDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    if len(sampler) < per_rank_batch:
-        from ..config import ConfigError
-
-        raise ConfigError(
-            f"train.batch_size: the training split has {len(ds)} samples, fewer than one global batch; "
-            f"lower train.batch_size or raise data.subset"
-        )
     return DataLoader(
         ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
