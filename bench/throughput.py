@@ -63,6 +63,8 @@ def main() -> None:
     defaults = ["data.synthetic_size=5000", "data.num_workers=0", "train.scheduler=none"]
     cfg = load_config(None, [*defaults, *args.overrides])
     validate_for_world(cfg, launch.world_size)
+    if cfg.train.precision == "fp64":
+        parser.error("train.precision=fp64 is a verification mode, not a speed setting; time fp32, bf16 or fp16")
     ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
     try:
         dataset = load_dataset(cfg.data)

@@ -8,9 +8,12 @@ works and a crafted pickle cannot run code.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,11 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` that never leaves a partial file under ``path``."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch.save straight into a file turns a full disk into an opaque
+    # "unexpected pos" RuntimeError; a plain write raises OSError(ENOSPC), which names the cause.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,11 +65,38 @@ class CheckpointError(UserError):
     """No usable checkpoint where one is required."""
 
 
+FORMAT = 2  # the checkpoint layout this version writes and the newest it reads
+REQUIRED = ("format", "epoch", "step_in_epoch", "global_step", "model", "optimizer", "scheduler", "best_valid_loss",
+            "best_step", "history", "config", "dataset", "world_size", "partial", "rng", "epoch_lr")
 STEP_GLOB = "step-*.pt"
+_STEP_NAME = re.compile(r"^step-(\d+)(?:-b(\d+))?\.pt$")
 
 
-def step_file(folder: Path, step: int) -> Path:
-    return Path(folder) / f"step-{step:08d}.pt"
+def step_file(folder: Path, step: int, branch: int = 0) -> Path:
+    """``step-<global step>.pt`` on the first line of a run, ``step-<global step>-b<branch>.pt`` on a branch."""
+    return Path(folder) / (f"step-{step:08d}.pt" if branch == 0 else f"step-{step:08d}-b{branch}.pt")
+
+
+def parse_step_file(path: Path) -> tuple[int, int] | None:
+    """(global step, branch) of a step file's name, or None for any other name."""
+    m = _STEP_NAME.match(Path(path).name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def step_files(folder: Path) -> list[Path]:
+    """The step checkpoints in ``folder``, the most recently written first (mtime, then step).
+
+    Write order, not step number: a run resumed from an older step writes lower step numbers
+    after higher ones, and its files are the newest work.
+    """
+    def key(p: Path) -> tuple[int, int]:
+        try:
+            mtime = p.stat().st_mtime_ns
+        except OSError:
+            mtime = -1
+        return mtime, parse_step_file(p)[0]  # type: ignore[index]
+
+    return sorted((p for p in Path(folder).glob(STEP_GLOB) if parse_step_file(p) is not None), key=key, reverse=True)
 
 
 def _link(target: Path, name: Path) -> None:
@@ -74,18 +108,37 @@ def _link(target: Path, name: Path) -> None:
     os.replace(tmp, name)
 
 
+def looks_whole(path: Path) -> bool:
+    """A cheap readability check of a step file: a zip archive whose every member passes its CRC.
+
+    torch.save writes zip archives; a truncated, emptied or overwritten file fails this without
+    being unpickled.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; the previous one is still on disk."""
+
+
 class Checkpointer:
-    """Full checkpoints ``step-<global step>.pt`` under ``folder``; a no-op when not enabled.
+    """Full checkpoints ``step-<global step>[-b<branch>].pt`` under ``folder``; a no-op when not enabled.
 
     ``last.pt`` and ``best.pt`` are hard links to step files (no second write of the same bytes),
-    ``model.pth`` holds the best plain weights. Only the newest ``keep`` step files are kept; a
-    pruned step file that ``best.pt`` still names lives on through that link.
+    ``model.pth`` holds the best plain weights. Retention keeps the ``keep`` most recently written
+    step files that are readable (damaged files neither count nor get deleted); a pruned step file
+    that ``best.pt`` still names lives on through that link.
     """
 
-    def __init__(self, folder: Path, enabled: bool, keep: int = 2) -> None:
-        self.folder, self.enabled, self.keep = Path(folder), enabled, keep
+    def __init__(self, folder: Path, enabled: bool, keep: int = 2, branch: int = 0) -> None:
+        self.folder, self.enabled, self.keep, self.branch = Path(folder), enabled, keep, branch
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._whole: dict[tuple[str, int, int], bool] = {}  # (name, size, mtime) -> looks_whole, for retention
 
     @property
     def last(self) -> Path:
@@ -99,26 +152,37 @@ class Checkpointer:
     def weights(self) -> Path:
         return self.folder / "model.pth"
 
+    @property
+    def failed(self) -> bool:
+        """A background write has failed (its error is raised by :meth:`wait`); cheap, never blocks."""
+        return self._error is not None
+
     def save(self, state: dict[str, Any], step: int, improved: bool = False, background: bool = False) -> Path:
         """Write the step file, point ``last.pt`` (and ``best.pt`` and ``model.pth`` when ``improved``) at it.
 
         ``background``: copy the tensors (a memory copy, tens of milliseconds) and write from a
         thread while training goes on; the write is atomic either way, so a crash meanwhile
         leaves the previous checkpoint as the newest. Writes stay in order: a save first waits
-        for the previous one.
+        for the previous one. A failed write raises :class:`CheckpointWriteError` (in line, or
+        from the next :meth:`wait`), naming the path and the reason.
         """
-        path = step_file(self.folder, step)
+        path = step_file(self.folder, step, self.branch)
         if not self.enabled:
             return path
         self.wait()
         if not background:
-            self._write(state, path, improved)
+            self._write_catching(state, path, improved)
+            self.wait()
             return path
         snapshot = _snapshot(state)
         self._writer = threading.Thread(target=self._write_catching, args=(snapshot, path, improved),
                                         name="ddp_train-checkpoint")
         self._writer.start()
         return path
+
+    def fail(self, error: BaseException) -> None:
+        """Keep ``error`` to be raised by the next :meth:`wait` (and seen by :attr:`failed`)."""
+        self._error = error
 
     def wait(self) -> None:
         """Block until a background write is on disk; re-raise its error, if any."""
@@ -132,7 +196,13 @@ class Checkpointer:
     def _write_catching(self, state: dict[str, Any], path: Path, improved: bool) -> None:
         try:
             self._write(state, path, improved)
-        except BaseException as e:  # reported by the next wait(), on the training thread
+        except OSError as e:  # reported on the training thread (the next wait(), or the step agreement)
+            previous = self.last if self.last.exists() else None
+            self._error = CheckpointWriteError(
+                f"checkpoint: cannot write {path}: {e.strerror or e}; "
+                + (f"the previous checkpoint {previous} is kept; " if previous else "")
+                + "make the folder writable (or free space), then continue with resume=auto")
+        except BaseException as e:
             self._error = e
 
     def _write(self, state: dict[str, Any], path: Path, improved: bool) -> None:
@@ -141,8 +211,26 @@ class Checkpointer:
         if improved:
             _link(path, self.best)
             atomic_save(state["model"], self.weights)
-        for old in sorted(self.folder.glob(STEP_GLOB))[: -self.keep]:
-            old.unlink()
+        self._prune(path)
+
+    def _prune(self, written: Path) -> None:
+        """Keep the ``keep`` newest readable step files (``written``, just fsynced, among them)."""
+        kept = 0
+        for p in step_files(self.folder):
+            if p == written or self._is_whole(p):
+                kept += 1
+                if kept > self.keep and p != written:
+                    p.unlink(missing_ok=True)
+
+    def _is_whole(self, p: Path) -> bool:
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        key = (p.name, st.st_size, st.st_mtime_ns)
+        if key not in self._whole:
+            self._whole[key] = looks_whole(p)
+        return self._whole[key]
 
 
 def _snapshot(obj: Any) -> Any:
@@ -154,13 +242,6 @@ def _snapshot(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_snapshot(v) for v in obj)
     return obj
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
 
 
 def _first_line(e: BaseException) -> str:
@@ -184,23 +265,38 @@ def safe_load(path: Path) -> tuple[Any, str]:
         return None, f"damaged ({type(e).__name__}: {_first_line(e)})"
 
 
+def check_format(state: Any, required: tuple[str, ...] = REQUIRED) -> str:
+    """Why ``state`` is not a checkpoint this version can continue from ('' when it is)."""
+    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+        return "damaged (not a ddp_train checkpoint: no model/global_step)"
+    fmt = state.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        return "not a ddp_train checkpoint (no format version)"
+    if fmt > FORMAT:
+        return (f"written by a newer ddp_train (checkpoint format {fmt}; this version reads up to {FORMAT}); "
+                f"upgrade ddp_train to use it")
+    missing = [k for k in required if k not in state]
+    if missing:
+        return f"incomplete (missing {', '.join(missing)}): not a checkpoint a run can continue from"
+    return ""
+
+
 def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(checkpoint, "") or (None, why it cannot be used)."""
+    """(checkpoint, "") or (None, why it cannot be used to continue a run)."""
     state, why = safe_load(path)
     if why:
         return None, why
-    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
-        return None, "damaged (not a ddp_train checkpoint: no model/global_step)"
-    return state, ""
+    why = check_format(state)
+    return (None, why) if why else (state, "")
 
 
 def newest_valid(folder: Path, report: Any = print) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable step checkpoint in ``folder``, skipping damaged ones with one line each.
+    """The most recently written loadable step checkpoint in ``folder``, skipping damaged ones with one line each.
 
     Returns None when there is no step checkpoint at all; raises CheckpointError when there are
     some but none can be used.
     """
-    candidates = sorted(Path(folder).glob(STEP_GLOB), key=_step_of, reverse=True)
+    candidates = step_files(folder)
     reasons = []
     for path in candidates:
         state, why = try_load(path)
@@ -212,3 +308,22 @@ def newest_valid(folder: Path, report: Any = print) -> tuple[Path, dict[str, Any
         raise CheckpointError(f"no usable checkpoint in {folder} ({'; '.join(reasons)}); "
                               f"move the run folder away to start fresh, or pass resume=PATH")
     return None
+
+
+def branch_for_resume(folder: Path, resumed: Path, state: dict[str, Any]) -> int:
+    """The branch a run resumed from ``resumed`` writes to.
+
+    It continues the checkpoint's own branch unless that branch already has readable step files
+    past the resumed step (the user went back to an older checkpoint): then it starts a new
+    branch, numbered one above the highest in ``folder``, so the newer files are never
+    overwritten or pruned as "older".
+    """
+    branch = int(state.get("branch", 0))
+    step = int(state["global_step"])
+    names = [(p, parse_step_file(p)) for p in Path(folder).glob(STEP_GLOB)]
+    names = [(p, n) for p, n in names if n is not None]
+    ahead = [p for p, (s, b) in names if b == branch and s > step and looks_whole(p)
+             and not (p.exists() and resumed.exists() and os.path.samefile(p, resumed))]
+    if not ahead:
+        return branch
+    return max([b for _, (_, b) in names] + [branch]) + 1

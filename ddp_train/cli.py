@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate_for_world(cfg, launch.world_size)
+        validate_for_device(cfg, device_kind())  # before the run folder is written or the data loaded
     except ConfigError as e:
         return _fail(str(e), launch.rank)
 
@@ -87,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(e, "report", True):  # one line for the job, not one per rank
                 print(f"ddp_train: error: {e}", file=sys.stderr, flush=True)
             return e.exit_code
+        except RuntimeError as e:
+            if not (ctx.distributed and peer_gone(e)):
+                raise  # a bug: its traceback (and torchrun's error file, through @record)
+            # The rank that ended first has said why; a traceback from each survivor would bury it.
+            print(f"ddp_train: rank {ctx.rank}: stopping: another rank ended during a collective "
+                  f"(its own message, above, says why)", file=sys.stderr, flush=True)
+            return 1
         finally:
             shutdown(ctx)
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 
 DatasetName = Literal["synthetic", "fashion_mnist", "cifar10", "image_folder"]
-ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+ModelName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 @dataclass
@@ -98,7 +100,11 @@ class DataConfig:
 class ModelConfig:
     """The network."""
 
-    name: ModelName = _f("resnet18", "torchvision ResNet with the small-image 3x3 stem and no max-pool")
+    name: ModelName = _f(
+        "resnet18",
+        "torchvision ResNet with the small-image 3x3 stem and no max-pool (resnet10: one BasicBlock per stage)",
+    )
+    width: int = _f(64, "channels of the first stage (each later stage doubles them); torchvision's ResNets have 64")
     sync_bn: bool = _f(
         True,
         "synchronise batch-norm statistics over the global batch when world size > 1 "
@@ -126,7 +132,14 @@ class TrainConfig:
     )
     lr: float = _f(0.003, "peak learning rate (for the global batch)")
     optimizer: Literal["sgd", "adamw"] = _f("adamw", "sgd (with momentum) or adamw")
-    momentum: float = _f(0.9, "SGD momentum")
+    momentum: float = _f(
+        0.9, "SGD momentum, or AdamW's beta1; the optimizer keeps it at every step unless train.cycle_momentum > 0"
+    )
+    cycle_momentum: float = _f(
+        0.0,
+        "onecycle: momentum goes from train.momentum down to train.momentum - X at the peak lr and back "
+        "(AdamW: beta1); 0 = off, the momentum stays train.momentum (torch's OneCycleLR cycles 0.95-0.85 by default)",
+    )
     nesterov: bool = _f(False, "SGD: use Nesterov momentum")
     weight_decay: float = _f(0.05, "weight decay")
     label_smoothing: float = _f(0.0, "label smoothing of the training loss (evaluation uses plain cross-entropy)")
@@ -140,15 +153,17 @@ class TrainConfig:
     lr_decay: float = _f(0.5, "step: decay factor")
     plateau_patience: int = _f(10, "plateau: epochs without improvement before the lr drops")
     warmup_epochs: float = _f(0.0, "cosine: linear warmup length in epochs (may be fractional)")
-    seed: int = _f(42, "seed of the model initialisation, the train/valid split and the sample order")
+    seed: int = _f(42, "seed of the model initialisation, the train/valid split and the sample order (0 to 2**63-1)")
     deterministic: bool = _f(
         False, "deterministic algorithms (cudnn.deterministic, no benchmark); slower on GPU"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp64"] = _f(
         "auto",
         "autocast precision: auto is bf16 on CUDA GPUs that support it (fp16 on older ones) and on "
         "CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp16 uses a gradient scaler, saved in "
-        "checkpoints (on CPU fp16 is emulated and very slow)",
+        "checkpoints (on CPU fp16 is emulated and very slow); fp64 trains in float64 throughout (model, "
+        "batches, SyncBN; no autocast), a verification mode: N ranks then equal one process to ~1e-13 on any "
+        "CPU (3-4x slower than fp32 on CPU)",
     )
     compile: bool = _f(
         False,
@@ -166,7 +181,7 @@ class DistConfig:
     """Process group settings."""
 
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo otherwise")
-    timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait)")
+    timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait; at most 7 days)")
     bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bigger: fewer, larger all-reduces)")
     gradient_as_bucket_view: bool = _f(True, "DDP: gradients are views into the all-reduce buckets (saves a copy)")
     static_graph: bool = _f(
@@ -202,8 +217,13 @@ class Config:
     )
     resume: str | None = _f(
         None,
-        "null: start fresh (an existing run folder is refused); auto: continue from the newest "
-        "valid checkpoint in the run folder, or start fresh when it has none; or a checkpoint path",
+        "null: start fresh (an existing run folder is refused); auto: continue from the most recently "
+        "written valid checkpoint in the run folder, or start fresh when it has none; or a checkpoint path",
+    )
+    resume_allow: str | None = _f(
+        None,
+        "keys (comma-separated, or all) whose change from the resumed checkpoint's config a resume accepts; "
+        "any other change to a key that alters the training refuses the resume",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,6 +311,26 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading every YAML float spelling as a number.
+
+    PyYAML implements YAML 1.1, whose float needs a dot and a signed exponent: ``1e-3``, ``5E-4``
+    and ``1e3`` would be strings, and ``train.lr=1e-3`` refused. The extra resolver is tried after
+    the int one, so ``10`` stays an int; quoted values stay strings.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], parsed value); values are read as YAML scalars."""
     if "=" not in text:
@@ -299,7 +339,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key; write it as section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the raw string, the type check will judge it
     return key.split("."), value
@@ -324,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file (see configs/)")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml(p.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -354,9 +394,17 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit: this leaves the sampler's seed + epoch room; -1 has no meaning
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a collective that waits longer is a hang; datetime overflows near 10**14 s
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Raises ConfigError naming the key."""
     d, t, dist = cfg.data, cfg.train, cfg.dist
+    for name, cls in SECTIONS.items():  # .inf and .nan parse as numbers; no setting means either
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, name), f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f"{name}.{f.name}", "a finite number", value)
     _check(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "a number between 0 and 1 (exclusive)", d.valid_fraction)
     _check(d.subset is None or d.subset >= 2, "data.subset", "null or an integer >= 2", d.subset)
     _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
@@ -368,10 +416,15 @@ def validate(cfg: Config) -> None:
     _check(d.synthetic_size >= 10, "data.synthetic_size", "an integer >= 10", d.synthetic_size)
     _check(d.name != "image_folder" or d.root is not None, "data.root",
            "a folder with train/<class>/ images when data.name is image_folder", d.root)
+    _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
     _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
     _check(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    _check(0 <= t.cycle_momentum <= t.momentum, "train.cycle_momentum", "a number in [0, train.momentum]",
+           t.cycle_momentum)
+    _check(t.cycle_momentum == 0 or t.scheduler == "onecycle", "train.cycle_momentum",
+           "0 unless train.scheduler is onecycle", t.cycle_momentum)
     _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
     _check(t.lr_period >= 1, "train.lr_period", "an integer >= 1", t.lr_period)
@@ -379,7 +432,9 @@ def validate(cfg: Config) -> None:
     _check(t.plateau_patience >= 0, "train.plateau_patience", "an integer >= 0", t.plateau_patience)
     _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "a number in [0, train.epochs)", t.warmup_epochs)
     _check(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1", t.log_every_steps)
-    _check(dist.timeout_s >= 1, "dist.timeout_s", "an integer >= 1", dist.timeout_s)
+    _check(0 <= t.seed <= MAX_SEED, "train.seed", f"an integer from 0 to 2**63-1 ({MAX_SEED})", t.seed)
+    _check(1 <= dist.timeout_s <= MAX_TIMEOUT_S, "dist.timeout_s", f"an integer from 1 to {MAX_TIMEOUT_S} (7 days)",
+           dist.timeout_s)
     _check(dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0", dist.bucket_cap_mb)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
@@ -388,6 +443,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.init_from is None or bool(cfg.model.init_from), "model.init_from",
            "null or the path of a weights file", cfg.model.init_from)
     _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
+    known = set(flat_keys(Config().to_dict()))
+    for name in allowed_changes(cfg) or ():
+        _check(name in known, "resume_allow", "all, or config keys separated by commas (e.g. train.lr,train.epochs)",
+               cfg.resume_allow)
     if cfg.run_name is not None:
         _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),
                "run_name", "a folder name without '/'", cfg.run_name)
@@ -400,6 +459,63 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"train.batch_size: expected a multiple of the world size {world_size} (it is the global "
             f"batch, split evenly across ranks), got {cfg.train.batch_size}"
         )
+
+
+# Keys that do not change what is trained: where files go, logging, loader processes, launch
+# plumbing, and speed switches whose only effect is float rounding. A resume passes them with an
+# info line; a change to any other key must be accepted with resume_allow.
+RESULT_NEUTRAL = ("data.root", "data.download", "data.num_workers", "model.init_from", "model.channels_last",
+                  "train.compile", "train.deterministic", "train.log_every_steps", "train.test_weights",
+                  "dist.", "checkpoint.", "out_dir", "run_name", "resume", "resume_allow")
+
+
+def flat_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def diff_configs(old: dict[str, Any], new: Config) -> tuple[list[str], list[str]]:
+    """(changes that alter the training, changes that do not), each ``"key: old -> new"``.
+
+    ``old`` is a checkpoint's stored config; keys it lacks (written before they existed) count
+    as their defaults.
+    """
+    before, after, default = flat_keys(old), flat_keys(new.to_dict()), flat_keys(Config().to_dict())
+    changing, neutral = [], []
+    for key, value in after.items():
+        if key in ("resume", "resume_allow"):  # how this run was started, not what it trains
+            continue
+        was = before.get(key, default.get(key))
+        if was == value or (isinstance(was, (int, float)) and isinstance(value, (int, float))
+                            and not isinstance(was, bool) and float(was) == float(value)):
+            continue
+        line = f"{key}: {was} -> {value}"
+        (neutral if key.startswith(RESULT_NEUTRAL) else changing).append(line)
+    return changing, neutral
+
+
+def allowed_changes(cfg: Config) -> set[str] | None:
+    """The keys resume_allow names (None: all of them)."""
+    if cfg.resume_allow is None:
+        return set()
+    names = {k.strip() for k in cfg.resume_allow.split(",") if k.strip()}
+    return None if "all" in names else names
+
+
+def validate_for_device(cfg: Config, device_type: str) -> None:
+    """Checks that depend on the device kind the run will get (cuda, mps or cpu), made before anything is written."""
+    if cfg.train.precision == "fp16" and device_type == "cpu":
+        # Measured: 3 steps of ResNet-18 at batch 32 took 5 minutes (no native fp16 kernels on CPU).
+        raise ConfigError("train.precision: fp16 on CPU is emulated, about 100x slower than fp32; "
+                          "use bf16 (native on CPUs with AVX512-BF16/AMX) or fp32")
+    if cfg.train.precision == "fp64" and device_type == "mps":
+        raise ConfigError("train.precision: fp64 needs float64, which Apple's MPS devices lack; use fp32")
 
 
 def describe_keys() -> str:
@@ -421,6 +537,47 @@ def describe_keys() -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- config keys: generated by `python -m ddp_train.config README.md` from the field docs -->"
+README_END = "<!-- end of config keys -->"
+
+
+def key_table() -> str:
+    """The README's table of config keys, made from the field docs (the one source of both)."""
+    rows = ["| key | default | type | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS and not prefix:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = yaml.safe_dump(default).strip().removesuffix("...").strip()
+            doc = f.metadata.get("doc", "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {_describe(_field_types(cls)[f.name])} | {doc} |")
+
+    for name, cls in SECTIONS.items():
+        walk(cls, f"{name}.")
+    walk(Config, "")
+    return "\n".join(rows)
+
+
+def write_readme_table(path: str | Path) -> bool:
+    """Replace the key table between the README's markers; True when the file changed."""
+    p = Path(path)
+    text = p.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    new = text[:start] + "\n" + key_table() + "\n" + text[end:]
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
 def dump_yaml(cfg: Config) -> str:
     """The resolved config as YAML."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+if __name__ == "__main__":  # python -m ddp_train.config README.md: regenerate the key table
+    import sys
+
+    for readme in sys.argv[1:] or ["README.md"]:
+        print(f"{readme}: {'updated' if write_readme_table(readme) else 'already up to date'}")

@@ -32,6 +32,7 @@ class LaunchInfo:
     master_port: int | None = None
     restart_count: int = 0  # > 0 when torchrun or SLURM restarted this job: it must resume
     run_id: str | None = None  # an id stable across restarts (torchrun's rendezvous id), if any
+    job_id: str | None = None  # the job this process belongs to (SLURM job, torchrun rendezvous), if known
 
 
 class LaunchError(RuntimeError):
@@ -59,6 +60,15 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise LaunchError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def job_id(env: Mapping[str, str]) -> str | None:
+    """What identifies this job across its restarts: the SLURM job (array task included) or torchrun's rendezvous id."""
+    if env.get("SLURM_JOB_ID"):
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm:{env['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    return f"torchrun:{run_id}" if run_id not in (None, "", "none") else None
+
+
 def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     """Read the launcher from environment variables (torchrun first, then a SLURM step)."""
     restarts = max([_int(env, k) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT") if k in env], default=0)
@@ -73,6 +83,7 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
             world_size=_int(env, "WORLD_SIZE"),
             restart_count=restarts,
             run_id=run_id if stable else None,
+            job_id=job_id(env),
         )
     # SLURM_STEP_ID exists only inside an `srun` step: a plain `python` in a batch script of a
     # multi-task job must not wait for peers that were never started.
@@ -81,11 +92,11 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
         world = _int(env, ntasks_key)
         if world > 1:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-            job_id = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+            job_number = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
             step_id = _int(env, "SLURM_STEP_ID") % 16 if env["SLURM_STEP_ID"].isdigit() else 0
             # A port derived from the job and step ids keeps jobs (and steps) sharing a node apart;
             # 15000-29999 stays below Linux's ephemeral range (32768+).
-            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + (job_id * 16 + step_id) % 15000
+            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + (job_number * 16 + step_id) % 15000
             return LaunchInfo(
                 "slurm",
                 rank=_int(env, "SLURM_PROCID"),
@@ -94,8 +105,9 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
                 master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
                 master_port=port,
                 restart_count=restarts,
+                job_id=job_id(env),
             )
-    return LaunchInfo("single", restart_count=restarts)
+    return LaunchInfo("single", restart_count=restarts, job_id=job_id(env))
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,7 @@ class DistContext:
     data_parallel: bool = False  # single process driving several GPUs through nn.DataParallel
     restart_count: int = 0
     run_id: str | None = None
+    job_id: str | None = None  # see LaunchInfo.job_id
     # A gloo group beside NCCL for host-side agreement (stop flags, errors): a CPU all-reduce
     # that never waits for the GPU queue to drain, unlike an NCCL one read back with .item().
     control_group: Any = None
@@ -164,7 +177,12 @@ class DistContext:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
-        return bool(self._host_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+        return self.any_each([flag])[0]
+
+    def any_each(self, flags: list[bool]) -> list[bool]:
+        """For each flag, True on every rank when it is true on any rank (one all-reduce for all of them)."""
+        sums = self._host_sum(torch.tensor([1.0 if f else 0.0 for f in flags]))
+        return [bool(v > 0) for v in sums.tolist()]
 
     def agree(self, error: BaseException | None) -> None:
         """Called on every rank after a step that may fail on some: if any rank failed, all stop.
@@ -187,12 +205,26 @@ class PeerFailed(RuntimeError):
     """Another rank failed; this one stops too."""
 
 
+# What gloo raises in a collective whose peer process has ended (a crash, or an exit after its own
+# error); NCCL reports a lost peer as a timeout instead.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """True when ``error`` is a collective failing because another rank's process ended."""
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE)
+
+
+def device_kind(cuda_ok: bool | None = None) -> str:
+    """The kind of device :func:`init_distributed` picks: cuda, mps or cpu (known before it starts anything)."""
+    if torch.cuda.is_available() if cuda_ok is None else cuda_ok:
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def _pick_device(local_rank: int, cuda_ok: bool) -> torch.device:
-    if cuda_ok:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    kind = device_kind(cuda_ok)
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if kind == "cuda" else torch.device(kind)
 
 
 def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int = 600) -> DistContext:
@@ -201,7 +233,7 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
     if launch.launcher == "single":
         gpus = torch.cuda.device_count() if cuda_ok else 0
         return DistContext("single", 0, 0, 1, _pick_device(0, cuda_ok), None, data_parallel=gpus > 1,
-                           restart_count=launch.restart_count)
+                           restart_count=launch.restart_count, job_id=launch.job_id)
 
     device = _pick_device(launch.local_rank, cuda_ok)
     if device.type == "cuda":
@@ -230,7 +262,8 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
             )
     control = dist.new_group(backend="gloo") if backend == "nccl" and launch.world_size > 1 else None
     return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
-                       restart_count=launch.restart_count, run_id=launch.run_id, control_group=control)
+                       restart_count=launch.restart_count, run_id=launch.run_id, job_id=launch.job_id,
+                       control_group=control)
 
 
 def shutdown(ctx: DistContext) -> None:

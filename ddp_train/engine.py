@@ -18,7 +18,10 @@ from .optim import Schedule
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device`` (None: fp32, no autocast)."""
+    """The compute dtype for ``train.precision`` on ``device``: None is fp32 and float64 is fp64 (both
+    without autocast; fp64 models are float64 throughout, see :func:`param_dtype`); bf16/fp16 autocast."""
+    if precision == "fp64":
+        return torch.float64
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if precision == "bf16":
@@ -37,8 +40,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype of the model's parameters and buffers: float64 for ``fp64``, else float32 (autocast or not)."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {None: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -57,20 +65,34 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
+    if dtype is None or dtype == torch.float64:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype batches must have for ``model``: its parameters' (float64 for an fp64 model).
+
+    Taken from the model, not the config, so that an fp32 model evaluating an fp64 run's
+    checkpoint (eval, predict) gets fp32 batches.
+    """
+    return next(model.parameters()).dtype
+
+
 @dataclass
 class Batcher:
-    """Moves a batch to the device in the layout the model was built for."""
+    """Moves a batch to the device in the layout and dtype the model was built for.
+
+    Both input paths (DataLoader and device-resident) make fp32 batches, the same values bit for
+    bit; an fp64 model gets them cast here, so the two paths stay equal in fp64 too.
+    """
 
     device: torch.device
     channels_last: bool
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True).to(dtype)  # cast on the device: half the copy
         # Always the configured layout (device-resident batches come in either): convolution
         # kernels, and so the rounding, differ by layout.
         images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
@@ -98,7 +120,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
     """Forward, backward and optimizer step on one batch already on the device; returns the loss."""
     with _autocast(images.device, amp_dtype):
         logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(_at_least_fp32(logits), labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -108,6 +130,11 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
         loss.backward()
         optimizer.step()
     return loss
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: autocast's bf16/fp16 widened to fp32, fp64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def train_one_epoch(
@@ -136,9 +163,10 @@ def train_one_epoch(
     samples = start_partial[1]
     new_samples = 0
     steps = start_step
+    dtype = input_dtype(model)
     start = time.perf_counter()
     for images, labels in progress(loader):
-        images, labels = batcher(images, labels)
+        images, labels = batcher(images, labels, dtype)
         loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler)
         schedule.step_batch()
         loss_sum += loss.detach().double() * labels.numel()
@@ -189,11 +217,12 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Ba
     model.eval()
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=ctx.device, dtype=torch.float64)
+    dtype = input_dtype(model)
     for images, labels in loader:
-        images, labels = batcher(images, labels)
+        images, labels = batcher(images, labels, dtype)
         with _autocast(ctx.device, amp_dtype):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        loss_sum += F.cross_entropy(_at_least_fp32(logits), labels, reduction="sum").double()
         pred = logits.argmax(1)
         # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host every batch.
         # (Sums of ones in float64 are exact in any order.)

@@ -129,7 +129,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
 
     from .data import build_splits
     from .data.loaders import eval_loader
-    from .engine import Batcher, autocast_dtype, evaluate, precision_name
+    from .engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
     from .trainer import attempt
 
     dataset = _dataset(cfg, trained, ctx)
@@ -147,12 +147,12 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     per_rank = max(1, math.ceil(cfg.train.batch_size / ctx.world_size))
     workers = cfg.data.num_workers if ds.source.paths is not None else 0  # in-memory: no worker processes
     loader = eval_loader(ds, per_rank, ctx.rank, ctx.world_size, workers, ctx.device.type == "cuda")
-    model = model.to(ctx.device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     precision = cfg.train.precision
     if precision == "fp16" and ctx.device.type == "cpu":  # a GPU fp16 run evaluated on CPU: fp16 is emulated here
         precision = "fp32"
+    model = model.to(ctx.device, param_dtype(precision))  # an fp64 run is evaluated in fp64, as in training
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(precision, ctx.device)
     classes = trained.classes
     result = evaluate(model, loader, ctx, Batcher(ctx.device, cfg.model.channels_last), amp_dtype, len(classes))
@@ -281,7 +281,7 @@ def main(argv: list[str]) -> int:
         split, overrides = split_and_overrides(args.args)
         trained = load_trained(args.checkpoint)
         cfg = config_from_dict(trained.config, overrides)
-        model = build_trained_model(trained, cfg.model.name)
+        model = build_trained_model(trained, cfg.model.name, width=cfg.model.width)
         if args.output and Path(args.output).is_dir():
             raise UserError(f"--output {args.output} is a folder; name a file")
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(trained.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -12,14 +13,15 @@ from .config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay (the notebook's), or AdamW."""
+    """SGD with momentum and weight decay (the notebook's), or AdamW with beta1 = ``train.momentum``."""
     # On CUDA the fused kernels update all parameters in a few launches instead of several per
     # tensor (the step of a 62-tensor ResNet-18 is otherwise launch-bound at high img/s).
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+                             **fused)
 
 
 class Schedule:
@@ -46,7 +48,11 @@ class Schedule:
 
             self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         elif self.kind == "onecycle":
-            self.sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+            # torch cycles momentum by default (0.95 -> 0.85 -> 0.95, overwriting train.momentum every
+            # step); here only when asked, from train.momentum down by train.cycle_momentum and back.
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=cfg.lr, total_steps=total, cycle_momentum=cfg.cycle_momentum > 0,
+                base_momentum=cfg.momentum - cfg.cycle_momentum, max_momentum=cfg.momentum)
 
     @property
     def lr(self) -> float:
@@ -63,6 +69,23 @@ class Schedule:
             self.sched.step()
         elif self.kind == "plateau":
             self.sched.step(valid_loss)
+
+    def advance(self, global_step: int, epoch: int) -> None:
+        """Move a new schedule to where a run ``global_step`` steps (``epoch`` epochs) in stands.
+
+        Used when a resume accepts a schedule change: the old schedule's state describes another
+        schedule. Per-step schedules are stepped (at most to their end); ``step`` is stepped once
+        per epoch; ``plateau`` starts its patience afresh.
+        """
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            if self.kind in ("cosine", "onecycle"):
+                total = getattr(self.sched, "total_steps", None)
+                for _ in range(min(global_step, total - 1) if total else global_step):
+                    self.sched.step()
+            elif self.kind == "step":
+                for _ in range(epoch):
+                    self.sched.step()
 
     def state_dict(self) -> dict[str, Any]:
         return self.sched.state_dict() if self.sched is not None else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,46 +109,79 @@ def predict(model: Any, inputs: list[Any], transform: Any, device: Any) -> Any:
         return torch.softmax(model(batch).float(), 1).cpu()
 
 
+@dataclass
+class Classifier:
+    """A trained model with its evaluation transform: image files -> top-k classes.
+
+    The one path from a file to probabilities, shared by ``predict`` and ``demo`` (which hands it
+    the uploaded file as it arrived): :func:`load_input` -> :func:`predict` -> top-k.
+    """
+
+    trained: Any  # pretrained.Trained
+    model: Any
+    transform: Any
+    device: Any
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto") -> Classifier:
+        """The checkpoint's model in eval mode on ``device``; raises UserError (one line) when unusable."""
+        from .data.transforms import eval_transform
+        from .pretrained import build_trained_model, load_trained
+
+        dev = _device(device)
+        trained = load_trained(checkpoint)
+        model_cfg = trained.config.get("model", {})
+        model = build_trained_model(trained, model_cfg.get("name", "resnet18"),
+                                    width=int(model_cfg.get("width", 64))).to(dev)
+        meta = trained.dataset
+        return cls(trained, model, eval_transform(meta["mean"], meta["std"]), dev)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.trained.classes
+
+    def classify(self, files: list[str], k: int) -> list[dict[str, Any]]:
+        """``{"file", "top_k": [{"class", "index", "prob"}]}`` or ``{"file", "error"}`` per file, in order."""
+        channels, size = int(self.trained.dataset["channels"]), int(self.trained.dataset["image_size"])
+        k = min(k, len(self.classes))
+        inputs, errors = [], {}
+        for path in files:
+            try:
+                inputs.append(load_input(path, channels, size))
+            except InputError as e:
+                errors[path] = str(e)
+        probs = iter(predict(self.model, inputs, self.transform, self.device) if inputs else [])
+        results = []
+        for path in files:
+            if path in errors:
+                results.append({"file": path, "error": errors[path]})
+                continue
+            top = next(probs).topk(k)
+            results.append({"file": path, "top_k": [{"class": self.classes[c], "index": int(c), "prob": float(p)}
+                                                    for p, c in zip(top.values.tolist(), top.indices.tolist())]})
+        return results
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.top_k < 1:
         return fail(f"--top-k: expected an integer >= 1, got {args.top_k}")
-    from .data.transforms import eval_transform
-    from .pretrained import build_trained_model, load_trained
-
     try:
-        device = _device(args.device)
-        trained = load_trained(args.checkpoint)
-        model = build_trained_model(trained, trained.config.get("model", {}).get("name", "resnet18")).to(device)
+        classifier = Classifier.load(args.checkpoint, args.device)
     except UserError as e:
         return fail(str(e))
-    meta, classes = trained.dataset, trained.classes
-    channels, size = int(meta["channels"]), int(meta["image_size"])
-    transform = eval_transform(meta["mean"], meta["std"])
-    k = min(args.top_k, len(classes))
     results: list[dict[str, Any]] = []
-    failed = 0
     for start in range(0, len(args.files), CHUNK):
-        chunk, inputs, good = args.files[start:start + CHUNK], [], []
-        for path in chunk:
-            try:
-                inputs.append(load_input(path, channels, size))
-                good.append(path)
-            except InputError as e:
-                failed += 1
-                print(f"ddp_train: predict: {e}", file=sys.stderr, flush=True)
-                results.append({"file": path, "error": str(e)})
-        probs = predict(model, inputs, transform, device) if inputs else None
-        for i, path in enumerate(good):
-            top = probs[i].topk(k)
-            entry = {"file": path, "top_k": [{"class": classes[c], "index": int(c), "prob": float(p)}
-                                             for p, c in zip(top.values.tolist(), top.indices.tolist())]}
-            results.append(entry)
-            if not args.json:
-                print(f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.4f}" for t in entry["top_k"]), flush=True)
+        chunk = classifier.classify(args.files[start:start + CHUNK], args.top_k)
+        results += chunk
+        for entry in chunk:
+            if "error" in entry:
+                print(f"ddp_train: predict: {entry['error']}", file=sys.stderr, flush=True)
+            elif not args.json:
+                print(f"{entry['file']}: " + ", ".join(f"{t['class']} {t['prob']:.4f}" for t in entry["top_k"]),
+                      flush=True)
     if args.json:
-        order = {path: i for i, path in enumerate(args.files)}
-        results.sort(key=lambda r: order[r["file"]])  # stable: the command line's order
-        json.dump({"checkpoint": str(trained.path), "classes": classes, "results": results}, sys.stdout, indent=2)
+        json.dump({"checkpoint": str(classifier.trained.path), "classes": classifier.classes, "results": results},
+                  sys.stdout, indent=2)
         sys.stdout.write("\n")
-    return 2 if failed else 0
+    return 2 if any("error" in r for r in results) else 0

@@ -96,7 +96,8 @@ def describe_mismatch(model_state: dict[str, torch.Tensor], loaded: dict[str, to
         parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
     if shapes:
         parts.append(f"different shapes ({len(shapes)}): {_names(shapes, 4)}")
-    if any(s.startswith("conv1.weight ") for s in shapes):
+    stem = "conv1.weight"
+    if stem in loaded and stem in model_state and loaded[stem].shape[-2:] != model_state[stem].shape[-2:]:
         parts.append("note: ddp_train's ResNets have a 3x3 small-image stem and the data's channel count, "
                      "so ImageNet stems (7x7) do not fit")
     return "; ".join(parts)
@@ -196,12 +197,12 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
                        f"usable best.pt or last.pt beside it to take them from; pass the run's checkpoints/best.pt")
 
 
-def build_trained_model(trained: Trained, model_name: str, what: str = "--checkpoint") -> nn.Module:
+def build_trained_model(trained: Trained, model_name: str, what: str = "--checkpoint", width: int = 64) -> nn.Module:
     """The model of ``trained`` with its weights loaded (on the CPU, eval mode)."""
     from .models import build_model
 
     ds = trained.dataset
-    model = build_model(model_name, len(ds["classes"]), int(ds["channels"]))
+    model = build_model(model_name, len(ds["classes"]), int(ds["channels"]), width=width)
     problem = describe_mismatch(model.state_dict(), trained.weights)
     if problem:
         raise WeightsError(f"{what}: {trained.path} does not fit {model_name} with {ds['channels']} channels and "

@@ -4,7 +4,8 @@
 (``batch_norm_stats`` and friends) have no CPU version. This module does the same maths with
 kernels that exist on CPU:
 
-- forward: per-rank mean and variance (``batch_norm_update_stats``, fp32 even for bf16 input),
+- forward: per-rank mean and variance (``batch_norm_update_stats``, fp32 even for bf16 input,
+  fp64 for fp64 input),
   one all-gather of [count, mean, var], combined without cancellation, then the fused
   inference-mode ``native_batch_norm`` with the global statistics;
 - backward: the fused ``native_batch_norm_backward`` gives the local sums of dy and dy*x_hat in
@@ -29,12 +30,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
                 eps: float, group: Any) -> torch.Tensor:
         c = x.size(1)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        # fp32 scratch buffers select the fp32-statistics kernel for bf16/fp16 input; momentum 0 leaves them alone.
-        mean, var = torch.batch_norm_update_stats(x, torch.zeros(c, **f32), torch.ones(c, **f32), 0.0)
+        # Statistics in fp32 for bf16/fp16/fp32 input, fp64 for fp64. The scratch buffers' dtype selects
+        # the kernel (fp32 statistics for bf16 input); momentum 0 leaves them alone.
+        stat = dict(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        mean, var = torch.batch_norm_update_stats(x, torch.zeros(c, **stat), torch.ones(c, **stat), 0.0)
         # Gather each rank's (count, mean, var) and combine them as torch's CUDA SyncBN does:
         # var = sum n_r (var_r + (mean_r - mean)^2) / N avoids the cancellation of E[x^2] - mean^2.
-        local = torch.cat([torch.full((1,), float(x.numel() // c), **f32), mean, var])
+        local = torch.cat([torch.full((1,), float(x.numel() // c), **stat), mean, var])
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
         table = torch.stack(gathered)
@@ -59,11 +61,12 @@ class _SyncBatchNormFn(torch.autograd.Function):
         # Pass 1, a reduction only: the local sums of dy and dy * x_hat (no gradient tensor written).
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             gy, x, weight, gmean, gvar, None, None, False, ctx.eps, [False, True, True])
-        sums = torch.cat([sum_dy.float(), sum_dy_xhat.float()])
+        stat_dtype = gmean.dtype  # fp32, or fp64 for fp64 input
+        sums = torch.cat([sum_dy.to(stat_dtype), sum_dy_xhat.to(stat_dtype)])
         dist.all_reduce(sums, group=ctx.group)
         c = x.size(1)
         invstd = torch.rsqrt(gvar + ctx.eps)
-        k = invstd * (weight.float() if weight is not None else 1.0)
+        k = invstd * (weight.to(stat_dtype) if weight is not None else 1.0)
         mean_dy, mean_dy_xhat = sums[:c] / count, sums[c:] / count
         # grad_x = k * dy - k * mean_dy - k * mean_dy_xhat * x_hat, with x_hat = (x - mean) * invstd.
         # Pass 2: the last two terms are a per-channel affine map of x_hat, which is what the fused
@@ -107,7 +110,10 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def convert(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
         """Replace every BatchNorm layer of ``module`` (recursively) by this class."""
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            like = module.weight if module.affine else module.running_mean  # keep the dtype (fp64) and device
+            factory = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      **factory)
             new.process_group = process_group
             with torch.no_grad():
                 if module.affine:

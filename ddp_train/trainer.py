@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import CheckpointError, Checkpointer, atomic_write_text, newest_valid, try_load
+from .checkpoint import FORMAT, Checkpointer, atomic_write_text, branch_for_resume, step_file, try_load
 from .config import Config, UserError, dump_yaml
 from .data import DataBundle, Dataset, build_data, load_dataset
 from .distributed import DistContext
-from .engine import Batcher, autocast_dtype, evaluate, grad_scaler, precision_name, train_one_epoch
+from .engine import Batcher, autocast_dtype, evaluate, grad_scaler, param_dtype, precision_name, train_one_epoch
 from .models import build_model
 from .optim import Schedule, build_optimizer
+from .resume import load_resume_checkpoint, restore
+from .runlock import RunLock
 from .seeding import get_rng_state, rank_seed, seed_all, set_determinism, set_rng_state
 from .signals import Preempted, StopFlag
 from .syncbn import convert_sync_batchnorm
@@ -53,8 +55,13 @@ def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
     return dataset
 
 
-def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> Path:
-    """Rank 0 names and creates the run folder and proves it writable, before any training."""
+def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> tuple[Path, RunLock | None]:
+    """Rank 0 names and creates the run folder and takes its lock, before anything else is written.
+
+    The lock (``<run>/.lock``, see :mod:`ddp_train.runlock`) makes a second run that targets the
+    same folder stop here with one line; creating it also proves ``out_dir`` writable. Returns
+    the folder and, on rank 0, the lock to release when the run ends.
+    """
     name = cfg.run_name
     if name is None and ctx.run_id:
         name = f"{cfg.data.name}-{cfg.model.name}-{ctx.run_id}"  # the same folder after a torchrun restart
@@ -65,68 +72,53 @@ def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> Path:
     name = ctx.broadcast_object(name)  # ranks may start a second apart: rank 0's timestamp wins
     run_dir = Path(cfg.out_dir) / name
     error: UserError | None = None
+    lock: RunLock | None = None
     if ctx.is_main:
         try:
             if not name:
                 raise UserError("resume=auto: set run_name to the run folder to continue")
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir, ctx.job_id).acquire()
             held = (run_dir / "checkpoints" / "last.pt").exists() or any((run_dir / "checkpoints").glob("step-*.pt"))
             if held and resume is None:
                 raise UserError(f"run folder {run_dir} already holds a run (checkpoints/); continue it with "
                                 f"resume=auto, or choose another run_name")
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            # The config is the test write: an unwritable or full out_dir fails here, not after an hour.
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+            if lock.took_over:
+                print(f"ddp_train: {lock.took_over}", file=sys.stderr, flush=True)
         except OSError as e:
             error = UserError(f"out_dir: cannot write the run folder {run_dir}: {e.strerror or e}; "
                               f"choose a writable out_dir")
         except UserError as e:
             error = e
+        if error is not None and lock is not None:
+            lock.release()
+            lock = None
     ctx.agree(error)
-    return run_dir
+    return run_dir, lock
 
 
-def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> tuple[dict[str, Any], Path] | None:
-    """The checkpoint to continue from and its path (same on every rank), or None to start fresh.
-
-    Rank 0 chooses (skipping damaged files with one line each) and broadcasts the path; every
-    rank then loads it. Loads use ``weights_only=True``: a crafted pickle is refused, never run.
-    """
-    if resume is None:
-        return None
-    chosen: str | None = None
-    state: dict[str, Any] | None = None
+def write_run_config(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
+    """Rank 0 writes ``config.yaml`` (once the resume, if any, is known to fit); all ranks agree on the outcome."""
     error: UserError | None = None
     if ctx.is_main:
         try:
-            if resume == "auto":
-                found = newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
-                if found is not None:
-                    chosen, state = str(found[0]), found[1]
-            else:
-                if not Path(resume).is_file():
-                    raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
-                state, why = try_load(Path(resume))
-                if state is None:
-                    raise CheckpointError(f"resume: {resume} is {why}")
-                chosen = resume
-        except UserError as e:
-            error = e
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        except OSError as e:
+            error = UserError(f"out_dir: cannot write {run_dir / 'config.yaml'}: {e.strerror or e}; "
+                              f"choose a writable out_dir")
     ctx.agree(error)
-    chosen = ctx.broadcast_object(chosen)
-    if chosen is None:
-        return None
-    if not ctx.is_main:
-        state, why = try_load(Path(chosen))
-        error = None if state is not None else CheckpointError(f"rank {ctx.rank}: cannot read {chosen}: {why}")
-    ctx.agree(error)
-    assert state is not None
-    return state, Path(chosen)
 
 
-def find_best_weights(step: int, folders: list[Path]) -> dict[str, torch.Tensor] | None:
-    """The model of the checkpoint written at global ``step`` (the best epoch), from ``best.pt`` or its step file."""
+def find_best_weights(step: int, branch: int, folders: list[Path]) -> dict[str, torch.Tensor] | None:
+    """The model of the checkpoint written at global ``step`` (the best epoch), from ``best.pt`` or a step file.
+
+    The run's own branch is looked at first: another branch may hold a different checkpoint at
+    the same step.
+    """
     for folder in folders:
-        for name in ("best.pt", f"step-{step:08d}.pt"):
+        names = ["best.pt", step_file(folder, step, branch).name, step_file(folder, step).name]
+        names += sorted(p.name for p in folder.glob(f"step-{step:08d}-b*.pt"))
+        for name in dict.fromkeys(names):
             if (folder / name).exists():
                 state, _ = try_load(folder / name)
                 if state is not None and state["global_step"] == step:
@@ -138,7 +130,8 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
                          init_from: str | None = None) -> tuple[nn.Module, nn.Module]:
     """(model to train, the same model without DDP/DataParallel wrapping), started from ``init_from`` if given."""
     seed_all(cfg.train.seed)  # identical initialisation on every rank
-    model = build_model(cfg.model.name, len(dataset.classes), dataset.channels, cfg.model.zero_init_residual)
+    model = build_model(cfg.model.name, len(dataset.classes), dataset.channels, cfg.model.zero_init_residual,
+                        cfg.model.width)
     if init_from:  # fine-tuning: every rank loads the same file, before SyncBN and DDP
         from .pretrained import apply_init_from
 
@@ -146,7 +139,8 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
                         f"{cfg.model.name} with {dataset.channels} channels and {len(dataset.classes)} classes")
     if cfg.model.sync_bn and ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
-    model = model.to(ctx.device)
+    # fp64: parameters and buffers (SyncBN's too) in float64, before DDP sees them.
+    model = model.to(ctx.device, param_dtype(cfg.train.precision))
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
@@ -168,10 +162,30 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     """Train, validate every epoch, checkpoint, then test the best weights. Returns metrics.json's content.
 
     Raises :class:`Preempted` on every rank after a stop signal, once the checkpoint is written.
+    The run folder's lock is held from before the first write until this returns or raises.
     """
     set_determinism(cfg.train.deterministic)
     resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
-    run_dir = prepare_run_dir(cfg, ctx, resume)
+    run_dir, lock = prepare_run_dir(cfg, ctx, resume)
+    try:
+        return _train(cfg, ctx, stop_flag, run_dir, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+            # A run refused before its first write leaves no empty folder behind (rmdir fails on any other).
+            for folder in (run_dir / "checkpoints", run_dir):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _wait_agreed(checkpointer: Checkpointer, ctx: DistContext) -> None:
+    """Wait for rank 0's background checkpoint write; if it failed, every rank stops with its one line."""
+    _, error = attempt(checkpointer.wait)
+    ctx.agree(error)
+
+
+def _train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None, run_dir: Path,
+           resume: str | None) -> dict[str, Any]:
     dataset = load_dataset_agreed(cfg, ctx)
     data, error = attempt(build_data, dataset, cfg, ctx)
     ctx.agree(error)
@@ -189,7 +203,6 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
     scaler = grad_scaler(ctx.device, amp_dtype)
     batcher = Batcher(ctx.device, cfg.model.channels_last)
-    checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep)
     num_classes = len(dataset.classes)
     sampler = data.sampler
     per_rank_batch = cfg.train.batch_size // ctx.world_size
@@ -197,12 +210,13 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     epoch, step_in_epoch, best_loss, best_step, history = 0, 0, float("inf"), -1, []
     partial = (0.0, 0)
     epoch_lr: float | None = None  # the lr an interrupted epoch started with (its metrics report that)
-    if ckpt is not None:
-        model_without_ddp.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+    branch, resume_lines = 0, []
+    if resumed is not None:
+        # Checked on every rank before anything is written: a refused resume leaves config.yaml as it was.
+        restored, error = attempt(restore, resumed[0], resumed[1], cfg, model_without_ddp, optimizer, schedule,
+                                  scaler, dataset.classes, dataset.channels, steps_per_epoch)
+        ctx.agree(error)
+        schedule, resume_lines = restored
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         best_loss, best_step, history = ckpt["best_valid_loss"], ckpt["best_step"], list(ckpt["history"])
         epoch_lr = ckpt["epoch_lr"] if step_in_epoch else None
@@ -211,6 +225,11 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             partial = tuple(ckpt["partial"][ctx.rank])  # type: ignore[assignment]
         elif ctx.is_main:  # another world size: the epoch's running sums go to rank 0
             partial = (sum(p[0] for p in ckpt["partial"]), sum(p[1] for p in ckpt["partial"]))
+        # Going back to an older checkpoint starts a branch, so the newer files are neither overwritten nor pruned.
+        branch = ctx.broadcast_object(branch_for_resume(run_dir / "checkpoints", resumed[1], ckpt)
+                                      if ctx.is_main else None)
+    write_run_config(cfg, ctx, run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep, branch)
 
     tracker = Tracker(run_dir, purge_step=ckpt["global_step"] if ckpt else None) if ctx.is_main else NullTracker()
     tracker.history = history
@@ -227,8 +246,11 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         f"global batch {cfg.train.batch_size}"
     )
     if ckpt is not None:
+        for line in resume_lines:
+            tracker.info(line)
         tracker.info(f"resumed from epoch {epoch + 1} step {step_in_epoch} (global step {ckpt['global_step']})"
-                     + (f", world size {ckpt['world_size']} -> {ctx.world_size}" if ckpt["world_size"] != ctx.world_size else ""))
+                     + (f", world size {ckpt['world_size']} -> {ctx.world_size}" if ckpt["world_size"] != ctx.world_size else "")
+                     + (f"; writing branch b{branch} (step-<n>-b{branch}.pt)" if branch != ckpt.get("branch", 0) else ""))
 
     def save(epoch: int, step_in_epoch: int, partial: tuple[float, int], lr: float, improved: bool = False,
              background: bool = False) -> Path:
@@ -237,16 +259,18 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         partials = ctx.all_gather_object(partial)
         rngs = ctx.all_gather_object(get_rng_state())
         state = {
-            "format": 2, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "format": FORMAT, "branch": checkpointer.branch, "steps_per_epoch": steps_per_epoch, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best_valid_loss": best_loss, "best_step": best_step,
             "history": list(tracker.history), "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
             "world_size": ctx.world_size, "partial": partials, "rng": rngs, "epoch_lr": lr,
         }
-        path = checkpointer.save(state, global_step, improved, background)
+        path, error = attempt(checkpointer.save, state, global_step, improved, background)
         if not background:
-            ctx.barrier()  # a stop checkpoint: nobody exits before rank 0 has written it
+            ctx.agree(error)  # a stop checkpoint: nobody exits before rank 0 has written it (or failed to)
+        elif error is not None:  # the previous background write failed: reported at the next step
+            checkpointer.fail(error)
         return path
 
     best_state: dict[str, torch.Tensor] | None = None
@@ -264,7 +288,10 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
                 if global_step % cfg.train.log_every_steps == 0:
                     mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
                     tracker.scalar("train/loss", float(mean.item()), global_step)
-                stop = ctx.any(stop_flag.signum is not None)  # all ranks stop after the same step
+                # One small all-reduce: a stop signal on any rank, or a failed background checkpoint write.
+                stop, write_failed = ctx.any_each([stop_flag.signum is not None, checkpointer.failed])
+                if write_failed:
+                    _wait_agreed(checkpointer, ctx)
                 every = cfg.checkpoint.every_steps
                 if stop or (every and global_step % every == 0 and done < steps_per_epoch):
                     path = save(e, done, (float(loss_sum.item()), samples), lr, background=not stop)
@@ -278,7 +305,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             )
             # The previous checkpoint has had a whole epoch to reach the disk. Waiting here also keeps
             # the writer thread from running while evaluation loaders fork worker processes.
-            checkpointer.wait()
+            _wait_agreed(checkpointer, ctx)
             eval_start = time.perf_counter()
             valid = evaluate(model_without_ddp, data.valid, ctx, batcher, amp_dtype, num_classes)
             eval_s = time.perf_counter() - eval_start
@@ -303,16 +330,15 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
                            epoch * steps_per_epoch)
             tracker.scalar("time/valid_s", eval_s, epoch * steps_per_epoch)
             if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop at the boundary
-                checkpointer.wait()
-                ctx.barrier()
+                _wait_agreed(checkpointer, ctx)
                 raise Preempted(stop_flag.name or "a signal to another rank", str(checkpointer.last))
-        checkpointer.wait()  # the last epoch's checkpoint is on disk before testing and returning
+        _wait_agreed(checkpointer, ctx)  # the last epoch's checkpoint is on disk before testing and returning
 
     test_metrics: dict[str, Any] | None = None
     if data.test is not None:
         # The best epoch may have come before a resume: its weights are then in a checkpoint file.
         if cfg.train.test_weights == "best" and best_state is None and resumed is not None and best_step >= 0:
-            best_state = find_best_weights(best_step, [checkpointer.folder, resumed[1].parent])
+            best_state = find_best_weights(best_step, branch, [checkpointer.folder, resumed[1].parent])
             if best_state is None:
                 tracker.info(f"best weights (global step {best_step}) not found; testing the final weights")
         if best_state is not None:

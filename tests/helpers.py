@@ -19,11 +19,15 @@ FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 TINY = [
     "data.synthetic_size=200", "data.num_workers=0", "train.batch_size=32", "train.epochs=2",
     "train.precision=fp32", "train.optimizer=sgd", "train.lr=0.002", "train.scheduler=cosine", "model.channels_last=false",
+    # A narrow one-block-per-stage ResNet: what the tests prove (sampling, SyncBN, resume, files)
+    # does not depend on the model's size, and it keeps the suite fast on any CPU.
+    "model.name=resnet10", "model.width=8",
 ]
 
 
 # A 1-epoch run on 125 synthetic images: 100 train / 25 valid / 25 test (25: divisible by neither 2 nor 3).
-TINY_125 = [*TINY, "data.synthetic_size=125", "train.epochs=1"]
+# ResNet-18 here: the fine-tuning tests load torchvision's own ResNets into it.
+TINY_125 = [*TINY, "data.synthetic_size=125", "train.epochs=1", "model.name=resnet18", "model.width=64"]
 
 
 def assert_ok(res: subprocess.CompletedProcess) -> None:
@@ -81,3 +85,18 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
         out = f"{tmp}/result"
         mp.start_processes(_entry, args=(world, init, fn, args, out), nprocs=world, join=True, start_method="spawn")
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def rel_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest relative L2 difference ||a[k] - b[k]|| / ||b[k]|| over the floating-point entries of two
+    state dicts (weights and BN statistics): the measure of the fp64 equivalence tests."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).norm() / b[k].double().norm())
+               for k in b if b[k].is_floating_point() and b[k].norm() > 0)
+
+
+def last_weights(run: Path) -> dict[str, Any]:
+    """The model of a run folder's last checkpoint."""
+    import torch
+
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]

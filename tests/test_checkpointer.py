@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ddp_train.checkpoint import Checkpointer, load_checkpoint
+from ddp_train.checkpoint import CheckpointWriteError, Checkpointer, load_checkpoint
 
 
 def _state(value: float) -> dict:
@@ -42,6 +42,7 @@ def test_background_saves_stay_in_order_and_prune(tmp_path):
 def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path):
     ck = Checkpointer(tmp_path / "missing", enabled=True)  # the folder does not exist: the write fails
     ck.save(_state(1.0), 1, background=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointWriteError, match=r"cannot write .*step-00000001.pt: No such file or directory"):
         ck.wait()
+    assert not ck.failed
     ck.wait()  # reported once

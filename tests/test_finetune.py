@@ -38,7 +38,7 @@ def seven_classes(tmp_path_factory):
 
 def _finetune_args(root, init_from, out, name):
     # lr 1e-12: training moves no weight measurably, so the result shows what was loaded.
-    return [*TINY, "data.name=image_folder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
+    return [*TINY, "model.name=resnet18", "model.width=64", "data.name=image_folder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
             "train.epochs=1", "train.lr=1.0e-12", f"model.init_from={init_from}", f"out_dir={out}", f"run_name={name}"]
 
 

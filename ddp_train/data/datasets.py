@@ -22,6 +22,25 @@ from . import synthetic
 class DataError(UserError):
     """The data cannot be found or read; the message says how to fix it."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's DataError comes back to the rank as DataError("Caught DataError in
+        # DataLoader worker process N.\nOriginal Traceback ...\n<module>.DataError: <message>"): the
+        # worker's traceback says nothing the message does not, so only the message is kept.
+        marker = f"\n{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker") and marker in message:
+            message = message[message.rindex(marker) + len(marker):].strip()
+        super().__init__(message)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: object, dataset: str) -> None:
+    """Refuse labels outside ``0..num_classes-1`` (a damaged file), naming the first one."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        more = f" ({len(bad)} labels out of range in all)" if len(bad) > 1 else ""
+        raise DataError(f"data: {where} holds label {labels[i]} at index {i}{more}, but {dataset} has {num_classes} "
+                        f"classes; the file is damaged, fetch it again")
+
 
 @dataclass
 class Source:
@@ -156,6 +175,7 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path} and {lbl_path} do not match (images {images.shape}, labels {labels.shape})")
+        check_labels(labels, len(FASHION_CLASSES), lbl_path, "fashion_mnist")
         n = cfg.subset
         splits[split] = Source(labels[:n].astype(np.int64), images[:n, :, :, None])
     # Published statistics of the Fashion-MNIST training set.
@@ -188,7 +208,9 @@ def _cifar10(cfg: DataConfig) -> Dataset:
                 f"into {root} (or set data.root) and keep data.download=false"
             ) from None
         n = cfg.subset
-        splits[split] = Source(np.asarray(ds.targets, dtype=np.int64)[:n], np.asarray(ds.data)[:n])
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        check_labels(labels, len(ds.classes), f"{root} ({split} split)", "cifar10")
+        splits[split] = Source(labels[:n], np.asarray(ds.data)[:n])
         classes = list(ds.classes)
     return Dataset("cifar10", classes, 3, 32, CIFAR_MEAN, CIFAR_STD, splits["train"], None, splits["test"])
 

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
+import multiprocessing.util
 import random
 import signal
 from collections.abc import Iterator
@@ -113,6 +116,27 @@ def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
     random.seed(int(state))
 
 
+def _kill_workers_at_exit() -> None:
+    """SIGKILL this process's daemonic children (its loader workers) as it exits.
+
+    Python's multiprocessing ends daemonic children at exit with SIGTERM and then joins them;
+    our workers ignore SIGTERM (above), and when an exception left their DataLoader alive (a
+    crash, a worker's error) that join waited forever, and the rank never exited. They are
+    killed instead: at exit there is nothing left for them to do.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        # DataLoader's SIGCHLD handler reports a worker killed by a signal as an error: not these.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in workers:
+            child.kill()
+
+
+# multiprocessing.util registers its exit handler when first imported (above); atexit runs
+# handlers last-in first-out, so this one runs before that join.
+atexit.register(_kill_workers_at_exit)
+
+
 def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, seed: int,
                  num_workers: int, pin_memory: bool) -> DataLoader:
     """Shuffled, sharded, full batches only; call ``loader.sampler.set_epoch(e)`` every epoch."""
@@ -121,7 +145,7 @@ def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: i
         ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         worker_init_fn=functools.partial(_seed_worker, seed, rank),
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+        generator=torch.Generator().manual_seed((seed * 1000 + rank) % 2**64),  # any train.seed up to 2**63-1
     )
 
 

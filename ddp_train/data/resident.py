@@ -9,6 +9,9 @@ The order is the DataLoader path's own: the training sampler *is* an
 :class:`~.loaders.EpochDistributedSampler` (so ``set_epoch`` and ``skip`` work, and a rank reads
 the same samples in the same order as through the DataLoader), evaluation reads the same strided
 shard. Only the augmentation's random numbers differ from the per-sample path.
+
+Batches are fp32 on both paths; under ``train.precision: fp64`` the engine's Batcher casts them,
+so that without augmentation the two paths feed an fp64 model the same values bit for bit.
 """
 
 from __future__ import annotations

@@ -1,0 +1,191 @@
+"""Continuing a run: choose the checkpoint, prove it fits the configured run, restore it.
+
+Nothing here writes a file. The trainer writes ``config.yaml`` and its first checkpoint only
+after :func:`restore` has succeeded on every rank, so a refused resume leaves the run folder as
+it was.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, newest_valid, try_load
+from .config import Config, ConfigError, allowed_changes, diff_configs
+from .distributed import DistContext
+from .optim import Schedule, build_optimizer
+
+# Config keys whose change, once accepted with resume_allow, rebuilds the schedule at the resumed step.
+SCHEDULE_KEYS = ("train.epochs", "train.lr", "train.scheduler", "train.lr_period", "train.lr_decay",
+                 "train.plateau_patience", "train.warmup_epochs", "train.cycle_momentum", "train.batch_size",
+                 "data.subset", "data.synthetic_size", "data.valid_fraction")
+# Optimizer hyperparameters a resume takes from the config when their change is accepted.
+HYPER_KEYS = ("train.lr", "train.momentum", "train.nesterov", "train.weight_decay")
+
+
+def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint to continue from and its path (same on every rank), or None to start fresh.
+
+    Rank 0 chooses (the most recently written readable step file for ``auto``, skipping damaged
+    ones with one line each) and broadcasts the path; every rank then loads it. Loads use
+    ``weights_only=True``: a crafted pickle is refused, never run.
+    """
+    if resume is None:
+        return None
+    chosen: str | None = None
+    state: dict[str, Any] | None = None
+    error: CheckpointError | None = None
+    if ctx.is_main:
+        try:
+            if resume == "auto":
+                found = newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
+                if found is not None:
+                    chosen, state = str(found[0]), found[1]
+            else:
+                if not Path(resume).is_file():
+                    raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
+                state, why = try_load(Path(resume))
+                if state is None:
+                    raise CheckpointError(f"resume: {resume} is {why}")
+                chosen = resume
+        except CheckpointError as e:
+            error = e
+    ctx.agree(error)
+    chosen = ctx.broadcast_object(chosen)
+    if chosen is None:
+        return None
+    if not ctx.is_main:
+        state, why = try_load(Path(chosen))
+        error = None if state is not None else CheckpointError(f"rank {ctx.rank}: cannot read {chosen}: {why}")
+    ctx.agree(error)
+    assert state is not None
+    return state, Path(chosen)
+
+
+def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[str], list[str]]:
+    """(accepted changes that alter the training, neutral changes); raises ConfigError for unaccepted ones.
+
+    The error lists one ``key: old -> new`` line per refused key and says how to go on.
+    """
+    changing, neutral = diff_configs(ckpt["config"], cfg)
+    allowed = allowed_changes(cfg)
+    refused = [c for c in changing if allowed is not None and c.split(":", 1)[0] not in allowed]
+    if refused:
+        keys = ",".join(c.split(":", 1)[0] for c in refused)
+        raise ConfigError(
+            f"resume: the config differs from the checkpoint's ({path}) in keys that change the training:\n  "
+            + "\n  ".join(refused)
+            + f"\nresume with the checkpoint's values (drop these overrides), or accept the change with "
+              f"resume_allow={keys} (see the README: Changing a run's config)")
+    return changing, neutral
+
+
+def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, classes: list[str], channels: int,
+              model: nn.Module, optimizer: torch.optim.Optimizer, fresh_optimizer: bool) -> None:
+    """Raise CheckpointError (one line) when the checkpoint cannot be loaded into the configured run."""
+    from .pretrained import describe_mismatch
+
+    what = f"resume: {path} does not fit the configured run"
+    saved = ckpt["dataset"]
+    if list(saved.get("classes", [])) != list(classes):
+        raise CheckpointError(f"{what}: it was trained on {len(saved.get('classes', []))} classes "
+                              f"({', '.join(map(str, saved.get('classes', [])[:5]))}...), the data has {len(classes)} "
+                              f"({', '.join(classes[:5])}...); resume with the data it was trained on")
+    if int(saved.get("channels", channels)) != channels:
+        raise CheckpointError(f"{what}: it was trained on {saved['channels']}-channel images, the data has "
+                              f"{channels}; resume with the data it was trained on")
+    problem = describe_mismatch(model.state_dict(), ckpt["model"])
+    if problem:
+        model_cfg = ckpt["config"].get("model", {})
+        raise CheckpointError(f"{what}: its weights ({model_cfg.get('name', '?')}, width {model_cfg.get('width', 64)}) "
+                              f"do not fit {cfg.model.name} (width {cfg.model.width}): {problem}")
+    if fresh_optimizer:
+        return
+    saved_opt, own = ckpt["optimizer"], optimizer.state_dict()
+    if not isinstance(saved_opt, dict) or "param_groups" not in saved_opt or "state" not in saved_opt:
+        raise CheckpointError(f"{what}: its optimizer state is not an optimizer's state_dict")
+    sizes = [len(g["params"]) for g in saved_opt["param_groups"]]
+    own_sizes = [len(g["params"]) for g in own["param_groups"]]
+    if sizes != own_sizes:
+        raise CheckpointError(f"{what}: its optimizer holds {sizes} parameters per group, the model has {own_sizes}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    own_keys = _state_keys(optimizer)
+    for index, entry in saved_opt["state"].items():
+        if not 0 <= int(index) < len(params):
+            raise CheckpointError(f"{what}: its optimizer state names parameter {index}, the model has {len(params)}")
+        if own_keys and set(entry) - own_keys - {"step"}:
+            raise CheckpointError(f"{what}: its optimizer state has {sorted(entry)}, a {cfg.train.optimizer} optimizer "
+                                  f"keeps {sorted(own_keys)}; was it trained with another train.optimizer?")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[int(index)].shape:
+                raise CheckpointError(f"{what}: its optimizer state {key} of parameter {index} has shape "
+                                      f"{tuple(value.shape)}, the parameter {tuple(params[int(index)].shape)}")
+
+
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[str]:
+    """The per-parameter state keys this optimizer keeps (e.g. momentum_buffer, exp_avg/exp_avg_sq)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return {"momentum_buffer"}
+    if isinstance(optimizer, torch.optim.AdamW):
+        return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    return set()
+
+
+def restore(ckpt: dict[str, Any], path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+            schedule: Schedule, scaler: torch.amp.GradScaler, classes: list[str], channels: int,
+            steps_per_epoch: int) -> tuple[Schedule, list[str]]:
+    """Check, then load the checkpoint into model, optimizer, schedule and scaler.
+
+    Returns the schedule to use (rebuilt when an accepted change touches it) and the lines to
+    log. Raises ConfigError/CheckpointError, with nothing loaded that matters (the caller stops).
+    """
+    changing, neutral = check_config(ckpt, path, cfg)
+    changed = {c.split(":", 1)[0] for c in changing}
+    fresh_optimizer = "train.optimizer" in changed
+    check_fit(ckpt, path, cfg, classes, channels, model, optimizer, fresh_optimizer)
+    saved_spe = ckpt.get("steps_per_epoch", steps_per_epoch)
+    if saved_spe != steps_per_epoch and ckpt["step_in_epoch"]:
+        raise CheckpointError(f"resume: the accepted changes make {steps_per_epoch} steps per epoch instead of "
+                              f"{saved_spe}, which only works from an epoch-end checkpoint; {path} is at step "
+                              f"{ckpt['step_in_epoch']} of epoch {ckpt['epoch'] + 1}")
+    lines = []
+    if neutral:
+        lines.append("resume: config changes that do not alter the training: " + "; ".join(neutral))
+    if changing:
+        lines.append("resume: accepted config changes (resume_allow): " + "; ".join(changing))
+    try:
+        model.load_state_dict(ckpt["model"])
+        if not fresh_optimizer:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"resume: {path} does not load into the configured run: "
+                              f"{str(e).strip().splitlines()[0][:200]}") from None
+    if fresh_optimizer:
+        lines.append(f"resume: train.optimizer changed: the {cfg.train.optimizer} optimizer starts with empty state")
+    if changed & set(HYPER_KEYS):  # the loaded param groups hold the old values: take the config's
+        fresh = build_optimizer(model, cfg.train).param_groups
+        for group, new in zip(optimizer.param_groups, fresh):
+            group.update({k: v for k, v in new.items() if k != "params"})
+    if changed & set(SCHEDULE_KEYS + HYPER_KEYS) or fresh_optimizer:
+        # The new schedule, advanced to where the resumed run stands: under one-cycle with more
+        # epochs, the lr jumps to where the longer cycle is at this step.
+        for group in optimizer.param_groups:  # a new scheduler takes its base lr from the group, not the old one's
+            group.pop("initial_lr", None)
+            group["lr"] = cfg.train.lr
+        schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
+        schedule.advance(ckpt["epoch"] * steps_per_epoch + ckpt["step_in_epoch"], ckpt["epoch"])
+        lines.append(f"resume: schedule rebuilt for the new config at global step "
+                     f"{ckpt['epoch'] * steps_per_epoch + ckpt['step_in_epoch']} (lr {schedule.lr:.5g})")
+    else:
+        try:
+            schedule.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"resume: {path}: its scheduler state does not load ({e}); "
+                                  f"accept a schedule change with resume_allow=train.scheduler") from None
+    return schedule, lines
