@@ -12,14 +12,17 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .config import ConfigError, UserError, describe_keys, load_config, validate_for_world
-from .distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
+from .config import ConfigError, describe_keys, load_config, validate_for_device, validate_for_world
+from .distributed import (LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed, peer_gone,
+                          shutdown)
+from .errors import EXIT_CHECKPOINTED, UserError
 
 USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
   torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]
   python -m ddp_train eval --checkpoint PATH [split=test|valid] [key=value ...]   (see eval --help)
   python -m ddp_train predict --checkpoint PATH FILE...                          (see predict --help)
-  python -m ddp_train plot RUN_DIR                                               (see plot --help)"""
+  python -m ddp_train plot RUN_DIR                                               (see plot --help)
+  python -m ddp_train demo --checkpoint PATH [--port N]                          (see demo --help)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,10 +48,10 @@ def _fail(message: str, rank: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("eval", "predict", "plot"):  # using a trained model: see each one's --help
+    if argv and argv[0] in ("eval", "predict", "plot", "demo"):  # using a trained model: see each one's --help
         import importlib
 
-        module = {"eval": "evaluate", "predict": "predict", "plot": "plot"}[argv[0]]
+        module = {"eval": "evaluate", "predict": "predict", "plot": "plot", "demo": "demo"}[argv[0]]
         return importlib.import_module(f".{module}", __package__).main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
