@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Every GPU check of issue 5 in one run on one GPU (meant for an H200), a summary table last.
+"""Every GPU check of the speed targets in one run on one GPU (meant for an H200), a summary table last.
 
     python bench/gpu_check.py          # GPU mode: needs CUDA; about 6-7 minutes, never past the budget
     python bench/gpu_check.py --tiny   # the same steps on the CPU at tiny sizes (under a minute), to prove the script
@@ -90,7 +90,7 @@ class Mode:
     resume_cfg: tuple[str, ...]
     resume_limit_s: int
     min_start_s: int  # a step is not started with less of the budget left
-    targets: bool  # judge issue 5's targets (GPU figures only)
+    targets: bool  # judge the speed targets (GPU figures only)
 
 
 GPU = Mode(
@@ -315,7 +315,7 @@ def resume_steps(ctx: Context) -> list[Step]:
 
 
 def build_steps(ctx: Context) -> list[Step]:
-    """Every step in the order they run: the issue's targets first, the budget-permitting extras last."""
+    """Every step in the order they run: the speed targets first, the budget-permitting extras last."""
     mode, rows = ctx.mode, ctx.rows
     resident, loader = ("data.device_resident=true",), ("data.device_resident=false", f"data.num_workers={mode.dl_workers}")
     steps = [
@@ -454,7 +454,7 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def fashion_mean_cell(seeds: list[Cell | None], target: bool) -> Cell:
-    """Mean and spread of the seeds that finished; issue 5's targets on the GPU."""
+    """Mean and spread of the seeds that finished; the speed targets on the GPU."""
     done = [c.figures for c in seeds if c is not None and "acc" in c.figures]
     if not done:
         return Cell("FAILED (no seed finished)")

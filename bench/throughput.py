@@ -28,7 +28,7 @@ from ddp_train.data import build_data, load_dataset
 from ddp_train.distributed import detect_launch, environ, init_distributed, shutdown
 from ddp_train.engine import Batcher, autocast_dtype, grad_scaler, precision_name, train_one_epoch, train_step
 from ddp_train.optim import Schedule, build_optimizer
-from ddp_train.trainer import build_training_model
+from ddp_train.learner import build_training_model
 
 
 def sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -266,8 +266,11 @@ def safe_load(path: Path) -> tuple[Any, str]:
 
 
 def check_format(state: Any, required: tuple[str, ...] = REQUIRED) -> str:
-    """Why ``state`` is not a checkpoint this version can continue from ('' when it is)."""
-    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+    """Why ``state`` is not a checkpoint this version can continue from ('' when it is).
+
+    ``required``: the keys it must have (a whole checkpoint's by default).
+    """
+    if not isinstance(state, dict) or "global_step" not in state or ("model" in required and "model" not in state):
         return "damaged (not a ddp_train checkpoint: no model/global_step)"
     fmt = state.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool):
@@ -288,6 +291,24 @@ def try_load(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, why
     why = check_format(state)
     return (None, why) if why else (state, "")
+
+
+def find_weights_at(step: int, branch: int, folders: list[Path]) -> dict[str, torch.Tensor] | None:
+    """The model of the checkpoint written at global ``step``, from ``best.pt`` or a step file in ``folders``.
+
+    The trainer looks up its best epoch's weights this way when that epoch came before a resume.
+    The run's own branch is looked at first: another branch may hold a different checkpoint at
+    the same step.
+    """
+    for folder in folders:
+        names = ["best.pt", step_file(folder, step, branch).name, step_file(folder, step).name]
+        names += sorted(p.name for p in folder.glob(f"step-{step:08d}-b*.pt"))
+        for name in dict.fromkeys(names):
+            if (folder / name).exists():
+                state, _ = try_load(folder / name)
+                if state is not None and state["global_step"] == step:
+                    return state["model"]
+    return None
 
 
 def newest_valid(folder: Path, report: Any = print) -> tuple[Path, dict[str, Any]] | None:

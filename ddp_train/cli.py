@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e), launch.rank)
 
-    from .signals import EXIT_CHECKPOINTED, Preempted, StopFlag
+    from .signals import Preempted, StopFlag
 
     # Stop signals are recorded from here on: one that arrives during set-up stops the run at its
     # first step, with a checkpoint, instead of killing the process mid-way.

@@ -10,14 +10,17 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 Launcher = Literal["torchrun", "slurm", "single"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,22 @@ class DistContext:
         if failed:
             raise PeerFailed(f"rank {self.rank}: stopping because rank {failed[0]} reported an error")
 
+    def run_agreed(self, fn: Callable[..., T], *args: Any, on_this_rank: bool = True) -> T | None:
+        """``fn(*args)`` on every rank, then :meth:`agree` on the :class:`UserError` it raised, if any.
+
+        Collective: every rank calls it. A rank passing ``on_this_rank=False`` (e.g. all but rank
+        0 for a rank-0-only write) skips ``fn``, gets None and still takes part in the agreement.
+        Other exceptions are bugs: they propagate, and the peers end through :func:`peer_gone`.
+        """
+        result, error = None, None
+        if on_this_rank:
+            try:
+                result = fn(*args)
+            except UserError as e:
+                error = e
+        self.agree(error)
+        return result
+
 
 class PeerFailed(RuntimeError):
     """Another rank failed; this one stops too."""
@@ -247,7 +266,7 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
         if launch.launcher == "torchrun":
             # torchrun keeps one key-value store across restarts (it shares its rendezvous store); a
             # restarted group that reads the previous attempt's gloo/NCCL addresses from it fails to
-            # connect (pytorch issue 135712). A prefix per attempt keeps the attempts apart.
+            # connect. A prefix per attempt keeps the attempts apart.
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
             store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
             dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,

@@ -21,7 +21,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .config import Config, ConfigError, UserError, config_from_dict
+from .config import Config, ConfigError, config_from_dict
+from .errors import EXIT_USER_ERROR, UserError
 
 SPLITS = ("test", "valid")
 
@@ -37,14 +38,14 @@ class SubcommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if self.rank == 0:
             print(f"{self.prog}: error: {message} (see python -m {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def fail(message: str, rank: int = 0, report: bool = True) -> int:
     """One line on stderr (rank 0, or the rank that reports), exit code 2."""
     if rank == 0 and report:
         print(f"ddp_train: error: {message}", file=sys.stderr, flush=True)
-    return 2
+    return EXIT_USER_ERROR
 
 
 def _parser(rank: int) -> SubcommandParser:
@@ -102,48 +103,45 @@ def default_run_dir(checkpoint: Path) -> Path | None:
 
 def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
     """The dataset, checked against the checkpoint, normalised with the training statistics."""
-    from .trainer import attempt, load_dataset_agreed
+    from .data import load_dataset_agreed
 
     dataset = load_dataset_agreed(cfg, ctx)
+    return ctx.run_agreed(_as_trained, dataset, trained.dataset)
 
-    def check() -> Any:
-        meta = trained.dataset
-        if list(dataset.classes) != list(meta["classes"]):
-            raise UserError(f"the data's classes ({', '.join(dataset.classes[:12])}) are not the checkpoint's "
-                            f"({', '.join(list(meta['classes'])[:12])}); point data.name/data.root at the data "
-                            f"the model was trained on")
-        if dataset.channels != int(meta["channels"]) or dataset.image_size != int(meta["image_size"]):
-            raise UserError(f"the data has {dataset.channels} channels of size {dataset.image_size}, the checkpoint "
-                            f"was trained on {meta['channels']} of size {meta['image_size']} (data.image_size?)")
-        # The statistics the model was trained with (image_folder measures them on the data it sees).
-        return dataclasses.replace(dataset, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
-    dataset, error = attempt(check)
-    ctx.agree(error)
-    return dataset
+def _as_trained(dataset: Any, meta: dict[str, Any]) -> Any:
+    """``dataset`` with the statistics the model was trained with; UserError when it is not the model's data."""
+    if list(dataset.classes) != list(meta["classes"]):
+        raise UserError(f"the data's classes ({', '.join(dataset.classes[:12])}) are not the checkpoint's "
+                        f"({', '.join(list(meta['classes'])[:12])}); point data.name/data.root at the data "
+                        f"the model was trained on")
+    if dataset.channels != int(meta["channels"]) or dataset.image_size != int(meta["image_size"]):
+        raise UserError(f"the data has {dataset.channels} channels of size {dataset.image_size}, the checkpoint "
+                        f"was trained on {meta['channels']} of size {meta['image_size']} (data.image_size?)")
+    # The statistics the model was trained with (image_folder measures them on the data it sees).
+    return dataclasses.replace(dataset, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+
+def _pick_split(dataset: Any, cfg: Config, split: str) -> Any:
+    from .data import build_splits
+
+    _, valid, test = build_splits(dataset, cfg)
+    chosen = valid if split == "valid" else test
+    if chosen is None:
+        raise UserError(f"{dataset.name} has no test split here (image_folder needs a test/ folder); "
+                        f"evaluate split=valid, or point data.root at data with test/")
+    return chosen
 
 
 def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tuple[Any, dict[str, Any]]:
     """Evaluate ``split`` on every rank; returns (EvalResult, the JSON-ready report)."""
     import torch
 
-    from .data import build_splits
     from .data.loaders import eval_loader
     from .engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
-    from .trainer import attempt
 
     dataset = _dataset(cfg, trained, ctx)
-
-    def pick() -> Any:
-        _, valid, test = build_splits(dataset, cfg)
-        chosen = valid if split == "valid" else test
-        if chosen is None:
-            raise UserError(f"{dataset.name} has no test split here (image_folder needs a test/ folder); "
-                            f"evaluate split=valid, or point data.root at data with test/")
-        return chosen
-
-    ds, error = attempt(pick)
-    ctx.agree(error)
+    ds = ctx.run_agreed(_pick_split, dataset, cfg, split)
     per_rank = max(1, math.ceil(cfg.train.batch_size / ctx.world_size))
     workers = cfg.data.num_workers if ds.source.paths is not None else 0  # in-memory: no worker processes
     loader = eval_loader(ds, per_rank, ctx.rank, ctx.world_size, workers, ctx.device.type == "cuda")
@@ -268,7 +266,7 @@ def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_
 
 def main(argv: list[str]) -> int:
     from .distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
-    from .pretrained import build_trained_model, load_trained
+    from .weights import build_trained_model, load_trained
 
     try:
         launch = detect_launch(environ())
@@ -300,7 +298,7 @@ def main(argv: list[str]) -> int:
                       f"classes | {ctx.launcher} x{ctx.world_size} on {ctx.device} | {report['precision']}")
             _publish(report, header, args, run_dir)
     except PeerFailed:
-        return 2
+        return EXIT_USER_ERROR
     except UserError as e:
         return fail(str(e), 0, getattr(e, "report", True))
     except OSError as e:

@@ -13,7 +13,7 @@ from .config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay (the notebook's), or AdamW with beta1 = ``train.momentum``."""
+    """SGD with momentum and weight decay (the seed recipe's optimizer), or AdamW with beta1 = ``train.momentum``."""
     # On CUDA the fused kernels update all parameters in a few launches instead of several per
     # tensor (the step of a 62-tensor ResNet-18 is otherwise launch-bound at high img/s).
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import UserError
+from .errors import UserError
 from .evaluate import SubcommandParser, fail
 
 CHUNK = 64  # files per forward pass
@@ -117,7 +117,7 @@ class Classifier:
     the uploaded file as it arrived): :func:`load_input` -> :func:`predict` -> top-k.
     """
 
-    trained: Any  # pretrained.Trained
+    trained: Any  # weights.Trained
     model: Any
     transform: Any
     device: Any
@@ -126,7 +126,7 @@ class Classifier:
     def load(cls, checkpoint: str | Path, device: str = "auto") -> Classifier:
         """The checkpoint's model in eval mode on ``device``; raises UserError (one line) when unusable."""
         from .data.transforms import eval_transform
-        from .pretrained import build_trained_model, load_trained
+        from .weights import build_trained_model, load_trained
 
         dev = _device(device)
         trained = load_trained(checkpoint)

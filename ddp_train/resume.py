@@ -30,40 +30,40 @@ HYPER_KEYS = ("train.lr", "train.momentum", "train.nesterov", "train.weight_deca
 def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint to continue from and its path (same on every rank), or None to start fresh.
 
-    Rank 0 chooses (the most recently written readable step file for ``auto``, skipping damaged
-    ones with one line each) and broadcasts the path; every rank then loads it. Loads use
-    ``weights_only=True``: a crafted pickle is refused, never run.
+    Rank 0 chooses (:func:`choose_checkpoint`) and broadcasts the path; every other rank then
+    loads it. Loads use ``weights_only=True``: a crafted pickle is refused, never run.
     """
     if resume is None:
         return None
-    chosen: str | None = None
-    state: dict[str, Any] | None = None
-    error: CheckpointError | None = None
-    if ctx.is_main:
-        try:
-            if resume == "auto":
-                found = newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
-                if found is not None:
-                    chosen, state = str(found[0]), found[1]
-            else:
-                if not Path(resume).is_file():
-                    raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
-                state, why = try_load(Path(resume))
-                if state is None:
-                    raise CheckpointError(f"resume: {resume} is {why}")
-                chosen = resume
-        except CheckpointError as e:
-            error = e
-    ctx.agree(error)
-    chosen = ctx.broadcast_object(chosen)
+    found = ctx.run_agreed(choose_checkpoint, resume, run_dir, on_this_rank=ctx.is_main)
+    chosen = ctx.broadcast_object(str(found[0]) if found is not None else None)
     if chosen is None:
         return None
-    if not ctx.is_main:
-        state, why = try_load(Path(chosen))
-        error = None if state is not None else CheckpointError(f"rank {ctx.rank}: cannot read {chosen}: {why}")
-    ctx.agree(error)
+    state = ctx.run_agreed(_read_chosen, Path(chosen), ctx.rank, on_this_rank=not ctx.is_main)
+    if found is not None:
+        state = found[1]
     assert state is not None
     return state, Path(chosen)
+
+
+def choose_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``resume=auto``: the most recently written readable step file of the run (skipping damaged ones with
+    one line each), or None when there is none; else the file ``resume`` names. CheckpointError when unusable."""
+    if resume == "auto":
+        return newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
+    if not Path(resume).is_file():
+        raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
+    state, why = try_load(Path(resume))
+    if state is None:
+        raise CheckpointError(f"resume: {resume} is {why}")
+    return Path(resume), state
+
+
+def _read_chosen(path: Path, rank: int) -> dict[str, Any]:
+    state, why = try_load(path)
+    if state is None:
+        raise CheckpointError(f"rank {rank}: cannot read {path}: {why}")
+    return state
 
 
 def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[str], list[str]]:
@@ -87,7 +87,7 @@ def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[st
 def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, classes: list[str], channels: int,
               model: nn.Module, optimizer: torch.optim.Optimizer, fresh_optimizer: bool) -> None:
     """Raise CheckpointError (one line) when the checkpoint cannot be loaded into the configured run."""
-    from .pretrained import describe_mismatch
+    from .weights import describe_mismatch
 
     what = f"resume: {path} does not fit the configured run"
     saved = ckpt["dataset"]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import UserError
+from .errors import UserError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 20.0

@@ -23,7 +23,7 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def set_determinism(deterministic: bool) -> None:
-    """The notebook's cudnn switches, as a config option (deterministic costs speed on GPU)."""
+    """The seed recipe's cudnn switches (deterministic, no benchmark), as a config option (it costs speed on GPU)."""
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     # fp32 matmuls on TF32 tensor cores (Ampere and later) unless bit-stable results were asked for.

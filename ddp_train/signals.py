@@ -3,7 +3,8 @@
 The handler only records the signal. The training loop asks, at every step boundary, whether
 any rank received one (a collective, so all ranks agree on the same step), then every rank
 stops after that step, rank 0 writes a checkpoint, and the process exits with
-:data:`EXIT_CHECKPOINTED` so a launch script knows to requeue. A second SIGINT exits at once.
+:data:`ddp_train.errors.EXIT_CHECKPOINTED` so a launch script knows to requeue. A second SIGINT
+exits at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import sys
 from types import FrameType
 from typing import Any
 
-EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: "stopped cleanly with a checkpoint; run again with resume=auto"
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 

@@ -13,7 +13,7 @@ from .helpers import run_cli
 
 def test_precedence_defaults_then_file_then_overrides(tmp_path):
     cfg = load_config()
-    assert cfg.train.lr == 0.003 and cfg.data.valid_fraction == 0.2 and cfg.data.subset is None
+    assert cfg.train.lr == 0.01 and cfg.data.valid_fraction == 0.2 and cfg.data.subset is None
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 0.2\n  epochs: 7\ndata:\n  name: fashion_mnist\n")
     cfg = load_config(f)
@@ -29,7 +29,7 @@ def test_shipped_configs_load():
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     names = {p.name for p in configs}
-    assert {"default.yaml", "cifar10_resnet18.yaml", "fashion_mnist_resnet18.yaml"} <= names
+    assert {"default.yaml", "synthetic_resnet18.yaml", "cifar10_resnet18.yaml", "fashion_mnist_resnet18.yaml"} <= names
     for p in configs:
         load_config(p)
     # configs/default.yaml spells out exactly what runs without --config.

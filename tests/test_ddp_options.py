@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ddp_train.config import load_config
 from ddp_train.data import load_dataset
 from ddp_train.distributed import DistContext
-from ddp_train.trainer import build_training_model
+from ddp_train.learner import build_training_model
 
 from .helpers import spawn
+
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
 
 def _build_and_step(rank, world, overrides):

@@ -14,6 +14,8 @@ from ddp_train.models import build_model
 
 from .helpers import TINY, assert_ok, last_weights, rel_diff, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 EXACT = TINY + ["data.augment=false"]
 # The equivalence runs: fp64, so that rounding cannot decide the outcome on any CPU. resnet10 at
 # width 16 (0.3M parameters), augmentation on, 160 synthetic images: 2 epochs of 4 SGD steps at lr 0.05.

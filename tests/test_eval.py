@@ -13,6 +13,8 @@ from ddp_train.data import synthetic
 
 from .helpers import assert_ok, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 @pytest.fixture(scope="module")
 def run(tiny_run):
     return tiny_run

@@ -18,9 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import numpy as np
 
 from .helpers import ROOT, clean_env
+
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
 FAST = ["train.precision=fp32", "train.optimizer=sgd", "train.lr=0.002", "model.channels_last=false",
         "train.epochs=1", "data.num_workers=2"]

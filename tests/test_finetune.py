@@ -12,10 +12,12 @@ from PIL import Image
 
 from ddp_train.checkpoint import load_checkpoint
 from ddp_train.models import build_model
-from ddp_train.pretrained import WeightsError, load_init_weights
+from ddp_train.weights import WeightsError, load_init_weights
 from ddp_train.seeding import seed_all
 
 from .helpers import TINY, assert_ok, run_cli
+
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_run):

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .helpers import ROOT, clean_env
+
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 WIDTH = 45  # the table's result column

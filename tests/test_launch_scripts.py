@@ -12,6 +12,8 @@ import torch
 
 from .helpers import ROOT, TINY, assert_ok, clean_env, free_port
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 LAUNCH = ROOT / "launch"
 CONFIG = [*TINY, "data.augment=false"]
 

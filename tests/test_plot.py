@@ -14,6 +14,8 @@ from ddp_train.tracking import Tracker
 
 from .helpers import ROOT, clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 
 @pytest.fixture
 def run_dir(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,8 @@ from ddp_train.engine import Batcher, grad_scaler, train_one_epoch
 from ddp_train.optim import Schedule
 
 from .helpers import TINY, assert_ok, run_cli
+
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
 
 def test_fp16_on_cpu_is_refused_with_one_line_on_every_rank(tmp_path):

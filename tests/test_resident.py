@@ -17,6 +17,8 @@ from ddp_train.distributed import DistContext
 
 from .helpers import TINY, assert_ok, last_weights, rel_diff, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 SMALL = ["data.synthetic_size=300", "train.batch_size=32", "data.num_workers=0"]
 
 

@@ -20,6 +20,8 @@ import torch
 
 from .helpers import ROOT, TINY, assert_ok, clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 # Augmentation on: the exactness must not depend on it being off.
 CFG = TINY + ["data.augment=true", "checkpoint.every_steps=2", "checkpoint.keep=100"]
 STEPS_PER_EPOCH = 5  # 160 training samples / global batch 32

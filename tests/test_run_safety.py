@@ -21,6 +21,8 @@ from ddp_train.runlock import LOCK_NAME, STALE_S
 
 from .helpers import ROOT, assert_ok, clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
+
 # A small, exact, fast run: 160 train samples, global batch 32 -> 5 steps per epoch.
 SMALL = ["data.synthetic_size=200", "data.num_workers=0", "train.batch_size=32", "train.epochs=2",
          "train.precision=fp32", "train.optimizer=sgd", "train.lr=0.002", "train.scheduler=cosine",

@@ -29,11 +29,11 @@ STEPS_PER_EPOCH = 160 // 32
 JOB_TIMEOUT = 300
 
 _missing = missing_packages()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     bool(_missing),
     reason=f"SLURM packages not installed (missing {', '.join(_missing)}): "
            "apt-get install slurmctld slurmd slurm-client munge (.ci/run does)",
-)
+)]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_i
 from .resident import DeviceImages, ResidentEvalLoader, ResidentTrainLoader, nbytes
 from .transforms import cutout_side, eval_transform, train_transform
 
-__all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset"]
+__all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset", "load_dataset_agreed"]
 
 
 class Batches(Sized, Iterable, Protocol):
@@ -43,6 +43,20 @@ class DataBundle:
     @property
     def classes(self) -> list[str]:
         return self.dataset.classes
+
+
+def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
+    """Every rank loads the data; a failure on any rank stops all of them with its message.
+
+    With ``data.download`` the first rank of each node downloads while the others wait, so
+    two processes never write the same files.
+    """
+    if not (cfg.data.download and ctx.distributed):
+        return ctx.run_agreed(load_dataset, cfg.data)
+    first = ctx.local_rank == 0
+    downloaded = ctx.run_agreed(load_dataset, cfg.data, on_this_rank=first)
+    from_disk = ctx.run_agreed(load_dataset, cfg.data, on_this_rank=not first)  # the node's copy, now complete
+    return downloaded if first else from_disk
 
 
 def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitDataset, SplitDataset | None]:

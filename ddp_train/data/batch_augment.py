@@ -2,12 +2,12 @@
 
 Same meaning as the per-sample transforms in :mod:`.transforms`:
 
-- ``resized``: the notebook's Resize(1.25x) -> RandomResizedCrop(area 64-100%, square) is a
+- ``resized``: the seed recipe's Resize(1.25x) -> RandomResizedCrop(area 64-100%, square) is a
   square window of 0.8-1.0 x the image side at a uniformly random place, resampled to the image
   size. Here it is one bilinear ``grid_sample`` per batch, the flip folded into the same affine map.
 - ``pad``: pad ``padding`` black pixels, take a random window of the image size (a gather).
 - cutout: a square of side ``cutout`` zeroed on the normalised image, centre uniform over the
-  image, clipped at the borders (the notebook's Cutout).
+  image, clipped at the borders (the seed recipe's Cutout).
 
 The random parameters of an epoch are drawn for every sample of the split at once, from a
 generator seeded by (seed, epoch) alone, and looked up by sample: a sample gets the same

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig, UserError
+from ..config import DataConfig
+from ..errors import UserError
 from . import synthetic
 
 
@@ -185,7 +186,7 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
 
 # --------------------------------------------------------------------------- CIFAR-10
 
-CIFAR_MEAN = (0.4914, 0.4823, 0.4465)  # the notebook recipe's statistics
+CIFAR_MEAN = (0.4914, 0.4823, 0.4465)  # the seed recipe's Normalize statistics
 CIFAR_STD = (0.2023, 0.1920, 0.2210)
 
 

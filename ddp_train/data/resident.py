@@ -1,6 +1,6 @@
 """Device-resident data: uint8 images held on the training device, batched there without a DataLoader.
 
-For in-memory datasets the notebook's DataLoader (a worker process per few hundred images per
+For in-memory datasets the seed recipe's DataLoader (a worker process per few hundred images per
 second, a host-to-device copy per batch) starves a GPU. Here each split's images are copied to
 the device once, and every batch is a gather, the batched augmentation of
 :mod:`.batch_augment`, and a normalisation, all on the device.

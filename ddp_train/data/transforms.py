@@ -1,10 +1,10 @@
-"""The notebook's train and evaluation transforms, on uint8 CHW tensors.
+"""The seed recipe's train and evaluation transforms, on uint8 CHW tensors.
 
 Train: Resize(1.25 x size) -> RandomResizedCrop(size, scale 0.64-1, ratio 1) -> horizontal
 flip -> to float -> Normalize(dataset statistics) -> Cutout(1 hole, half the side); the crop may
 instead be pad-and-crop and the cutout another size (data.crop, data.cutout).
 Evaluation (validation and test): to float -> Normalize. The statistics come from the
-dataset, since the notebook's CIFAR numbers are wrong for grayscale data.
+dataset, since the seed recipe's CIFAR-10 numbers are wrong for other data (grayscale above all).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 class Cutout:
     """Zero ``n_holes`` squares of side ``length`` at uniformly random centres, clipped at the borders.
 
-    Applied to the normalised tensor, as in the notebook recipe. Uses torch's RNG, which the
+    Applied to the normalised tensor, as in the seed recipe. Uses torch's RNG, which the
     dataset seeds per sample.
     """
 
@@ -49,7 +49,7 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Transform:
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
                     crop: str = "resized", padding: int = 4, cutout: int | None = None) -> Transform:
-    """The notebook recipe scaled to ``size`` (40/32 for 32x32 images); evaluation transform if not ``augment``.
+    """The seed recipe's train transform at ``size`` (Resize 40 for 32x32); the evaluation one without ``augment``.
 
     ``crop="pad"`` replaces Resize + RandomResizedCrop by a random crop of the image padded with
     ``padding`` black pixels; ``cutout`` is the side of the zeroed square (None: half the side, 0: none).
@@ -72,5 +72,5 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augm
 
 
 def cutout_side(size: int, cutout: int | None) -> int:
-    """data.cutout resolved: None is the notebook's half of the image side."""
+    """data.cutout resolved: None is half the image side (the seed recipe's 16 px at 32x32)."""
     return size // 2 if cutout is None else cutout

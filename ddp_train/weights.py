@@ -1,4 +1,4 @@
-"""Reading trained weights: fine-tuning (``model.init_from``), and the model behind eval/predict.
+"""Loading weights: fine-tuning (``model.init_from``), and the model behind eval/predict.
 
 Three kinds of file are accepted, all loaded with ``torch.load(..., weights_only=True)`` (a
 crafted pickle is refused, never run):
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import safe_load
-from .config import UserError
+from .errors import UserError
 
 PREFIXES = ("module.", "_orig_mod.")
 CLASSIFIER = ("fc.weight", "fc.bias")  # torchvision ResNet's last layer
@@ -139,12 +139,7 @@ def apply_init_from(model: nn.Module, path: str, ctx: Any, model_desc: str = "th
     Called right after the model is built, before SyncBN conversion and DDP wrapping. A bad file
     raises the same :class:`WeightsError` on every rank (reported once, exit 2), before training.
     """
-    message, error = "", None
-    try:
-        message = load_init_weights(model, path, model_desc)
-    except UserError as e:
-        error = e
-    ctx.agree(error)
+    message = ctx.run_agreed(load_init_weights, model, path, model_desc)
     if ctx.is_main:
         print(message, flush=True)
 

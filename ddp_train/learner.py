@@ -1,0 +1,80 @@
+"""The model being trained and what steps it: built for this run's ranks, device and precision.
+
+:func:`build_training_model` makes the model identical on every rank (optionally from
+``model.init_from``), then converts it for SyncBN, moves it to the device in the run's dtype and
+layout, and wraps it (DDP, DataParallel, ``torch.compile``); :func:`build_learner` adds the
+optimizer, the learning-rate schedule and the loss scaler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .config import Config
+from .data import Dataset
+from .distributed import DistContext
+from .engine import Batcher, autocast_dtype, grad_scaler, param_dtype
+from .models import build_model
+from .optim import Schedule, build_optimizer
+from .seeding import rank_seed, seed_all
+from .syncbn import convert_sync_batchnorm
+
+
+@dataclass
+class Learner:
+    """The model being trained and what steps it: with the state, the contents of a checkpoint."""
+
+    model: nn.Module  # what the loop calls: DDP-, DataParallel- or compile-wrapped
+    model_without_ddp: nn.Module  # the bare module: checkpoints and evaluation
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    batcher: Batcher
+
+
+def build_learner(cfg: Config, ctx: DistContext, dataset: Dataset, steps_per_epoch: int,
+                  init_from: str | None) -> Learner:
+    """The model (identical on every rank), its optimizer, schedule and loss scaler; then per-rank seeds."""
+    amp_dtype = ctx.run_agreed(autocast_dtype, cfg.train.precision, ctx.device)  # fp16 on CPU is refused
+    model, model_without_ddp = build_training_model(cfg, dataset, ctx, init_from)
+    seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
+    optimizer = build_optimizer(model, cfg.train)
+    return Learner(model, model_without_ddp, optimizer, Schedule(optimizer, cfg.train, steps_per_epoch),
+                   grad_scaler(ctx.device, amp_dtype), amp_dtype, Batcher(ctx.device, cfg.model.channels_last))
+
+
+def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
+                         init_from: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """(model to train, the same model without DDP/DataParallel wrapping), started from ``init_from`` if given."""
+    seed_all(cfg.train.seed)  # identical initialisation on every rank
+    model = build_model(cfg.model.name, len(dataset.classes), dataset.channels, cfg.model.zero_init_residual,
+                        cfg.model.width)
+    if init_from:  # fine-tuning: every rank loads the same file, before SyncBN and DDP
+        from .weights import apply_init_from
+
+        apply_init_from(model, init_from, ctx,
+                        f"{cfg.model.name} with {dataset.channels} channels and {len(dataset.classes)} classes")
+    if cfg.model.sync_bn and ctx.distributed:
+        model = convert_sync_batchnorm(model, ctx.device)
+    # fp64: parameters and buffers (SyncBN's too) in float64, before DDP sees them.
+    model = model.to(ctx.device, param_dtype(cfg.train.precision))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+    if ctx.distributed:
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+                    static_graph=cfg.dist.static_graph)
+    elif ctx.data_parallel:
+        model = nn.DataParallel(model)
+    if cfg.train.compile:
+        # Compiling the DDP wrapper (not the bare module) lets dynamo split the graph at bucket
+        # boundaries so gradient all-reduces still overlap the backward pass. Checkpoints keep
+        # using model_without_ddp, whose keys carry no _orig_mod. prefix.
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model, model_without_ddp

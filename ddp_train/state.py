@@ -1,0 +1,165 @@
+"""Where a training run stands, and the one place a checkpoint's contents are put together.
+
+:class:`TrainState` is what a resume needs besides the model, optimizer, schedule and loss
+scaler: position, best epoch, history, the interrupted epoch's running sums and every rank's
+random state. :func:`checkpoint_contents` adds those four objects and what eval/predict need
+(config, dataset metadata); its keys are the on-disk checkpoint format (:data:`LAYOUT`).
+:class:`RunCheckpoints` writes them during a run, all ranks together. ``resume.restore`` loads
+the four objects back, :meth:`TrainState.load_state_dict` the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import FORMAT, REQUIRED, Checkpointer, CheckpointError, check_format
+from .config import Config
+from .data import Dataset
+from .distributed import DistContext
+from .errors import UserError
+from .learner import Learner
+from .optim import Schedule
+from .seeding import get_rng_state, set_rng_state
+
+# Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
+LAYOUT = ("format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
+          "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset", "world_size",
+          "partial", "rng", "epoch_lr")
+# The keys TrainState writes and reads; the others are the model, optimizer, schedule, scaler, config, dataset.
+STATE_KEYS = tuple(k for k in LAYOUT if k not in ("model", "optimizer", "scheduler", "scaler", "config", "dataset"))
+
+
+@dataclass
+class TrainState:
+    """The run's position and memory, the same on every rank (``partial`` and ``rng`` list every rank's)."""
+
+    steps_per_epoch: int
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    best_valid_loss: float = math.inf
+    best_step: int = -1  # global step at the end of the best epoch; -1 before the first
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch (metrics.json)
+    epoch_lr: float | None = None  # the lr the current epoch started with (its record reports that one)
+    branch: int = 0  # the checkpoint line this run writes (see checkpoint.branch_for_resume)
+    world_size: int = 1  # of the run that gathered partial and rng
+    partial: list[tuple[float, int]] = field(default_factory=list)  # per rank: (loss sum, samples) of the epoch so far
+    rng: list[dict[str, Any]] = field(default_factory=list)  # per rank: seeding.get_rng_state()
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    def gather(self, ctx: DistContext, partial: tuple[float, int]) -> None:
+        """Collect every rank's running sums (this rank's: ``partial``) and random state, for a checkpoint.
+
+        Collective: every rank calls it at the same step.
+        """
+        self.world_size = ctx.world_size
+        self.partial = ctx.all_gather_object(partial)
+        self.rng = ctx.all_gather_object(get_rng_state())
+
+    def resume_rank(self, ctx: DistContext) -> tuple[float, int]:
+        """Put this rank back where the checkpoint left it; returns its running sums for the current epoch.
+
+        At the same world size each rank gets its own random state and sums back, so the run
+        continues bit for bit. At another world size the random states stay as seeded per rank,
+        and rank 0 carries all the sums (the epoch's mean loss stays exact).
+        """
+        if self.world_size == ctx.world_size:
+            set_rng_state(self.rng[ctx.rank])
+            loss_sum, samples = self.partial[ctx.rank]
+            return loss_sum, samples
+        if ctx.is_main:
+            return sum(p[0] for p in self.partial), sum(p[1] for p in self.partial)
+        return 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint entries of this state (:data:`STATE_KEYS`)."""
+        return {
+            "format": FORMAT, "branch": self.branch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best_valid_loss": self.best_valid_loss, "best_step": self.best_step, "history": list(self.history),
+            "world_size": self.world_size, "partial": self.partial, "rng": self.rng, "epoch_lr": self.epoch_lr,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the entries of :meth:`state_dict` (or of a whole checkpoint); CheckpointError when it is not
+        a state this version can continue from (another format version, missing keys)."""
+        why = check_format(state, tuple(k for k in REQUIRED if k in STATE_KEYS))
+        if why:
+            raise CheckpointError(f"training state: {why}")
+        self.steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))  # both optional (REQUIRED)
+        self.branch = int(state.get("branch", 0))
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.best_valid_loss, self.best_step = state["best_valid_loss"], state["best_step"]
+        self.history = list(state["history"])
+        self.epoch_lr = state["epoch_lr"]
+        self.world_size = state["world_size"]
+        self.partial = [tuple(p) for p in state["partial"]]  # type: ignore[misc]
+        self.rng = list(state["rng"])
+
+
+def dataset_meta(dataset: Dataset) -> dict[str, Any]:
+    """What eval/predict need to rebuild the model and its input transform from a checkpoint alone."""
+    return {
+        "name": dataset.name, "classes": list(dataset.classes), "channels": dataset.channels,
+        "image_size": dataset.image_size, "mean": list(dataset.mean), "std": list(dataset.std),
+    }
+
+
+def checkpoint_contents(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                        scaler: torch.amp.GradScaler, cfg: Config, dataset: Dataset) -> dict[str, Any]:
+    """A full checkpoint: ``state`` (gathered), the bare model's weights, optimizer, schedule and scaler
+    states, and the config and dataset metadata. Tensors and plain types only (``weights_only`` loads it)."""
+    contents = {
+        **state.state_dict(),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
+    }
+    return {key: contents[key] for key in LAYOUT}
+
+
+@dataclass
+class RunCheckpoints:
+    """The run's checkpoints, written by rank 0. Collective: every rank calls :meth:`save` and :meth:`wait`."""
+
+    ctx: DistContext
+    checkpointer: Checkpointer
+    cfg: Config
+    dataset: Dataset
+    learner: Learner
+
+    @property
+    def failed(self) -> bool:
+        """A background write has failed (this rank's view; the trainer's StepHook agrees on it)."""
+        return self.checkpointer.failed
+
+    def save(self, state: TrainState, partial: tuple[float, int], improved: bool = False,
+             background: bool = False) -> Path | None:
+        """A full checkpoint of where the run stands; ``partial``: this rank's running sums of the epoch.
+
+        In line (a stop checkpoint), nobody returns before rank 0 has written it (or all raise its
+        error). In the background, a failure of the previous write is kept for the next step.
+        """
+        state.gather(self.ctx, partial)
+        parts = self.learner
+        contents = checkpoint_contents(state, parts.model_without_ddp, parts.optimizer, parts.schedule, parts.scaler,
+                                       self.cfg, self.dataset)
+        if not background:
+            return self.ctx.run_agreed(self.checkpointer.save, contents, state.global_step, improved)
+        try:
+            return self.checkpointer.save(contents, state.global_step, improved, background=True)
+        except UserError as e:  # the previous background write failed: reported at the next step
+            self.checkpointer.fail(e)
+            return None
+
+    def wait(self) -> None:
+        """Wait for rank 0's background write; if it failed, every rank stops with its one line."""
+        self.ctx.run_agreed(self.checkpointer.wait)

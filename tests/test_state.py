@@ -1,0 +1,105 @@
+"""The training state and the checkpoint's contents, restored without processes: built, saved, read back,
+restored into fresh objects, compared; the on-disk keys are the checkpoint format's."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ddp_train.checkpoint import FORMAT, CheckpointError, atomic_save, try_load
+from ddp_train.config import load_config
+from ddp_train.data import load_dataset
+from ddp_train.distributed import DistContext
+from ddp_train.engine import grad_scaler, train_step
+from ddp_train.models import build_model
+from ddp_train.optim import Schedule, build_optimizer
+from ddp_train.resume import restore
+from ddp_train.seeding import seed_all
+from ddp_train.state import TrainState, checkpoint_contents
+
+from .helpers import TINY
+
+# The keys of a checkpoint on disk: eval, predict, fine-tuning and resume read them by name.
+CHECKPOINT_KEYS = {"format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model",
+                   "optimizer", "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset",
+                   "world_size", "partial", "rng", "epoch_lr"}
+CPU = DistContext("single", 0, 0, 1, torch.device("cpu"))
+
+
+def _parts(cfg, seed: int, steps_per_epoch: int):
+    seed_all(seed)
+    model = build_model(cfg.model.name, 10, 3, width=cfg.model.width)
+    optimizer = build_optimizer(model, cfg.train)
+    return model, optimizer, Schedule(optimizer, cfg.train, steps_per_epoch), grad_scaler(CPU.device, None)
+
+
+def _step(model, optimizer, schedule, batch) -> None:
+    train_step(model, *batch, optimizer, None)
+    schedule.step_batch()
+
+
+def _draws() -> tuple:
+    return torch.rand(3), np.random.rand(3), random.random()
+
+
+def test_a_checkpoint_restores_into_fresh_objects(tmp_path):
+    cfg = load_config(None, [*TINY, "data.synthetic_size=20"])
+    dataset = load_dataset(cfg.data)
+    steps_per_epoch = 5
+    model, optimizer, schedule, scaler = _parts(cfg, 1, steps_per_epoch)
+    seed_all(7)
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    for _ in range(3):  # momentum buffers and a schedule that has moved
+        _step(model, optimizer, schedule, batch)
+    state = TrainState(steps_per_epoch, epoch=1, step_in_epoch=3, best_valid_loss=0.75, best_step=5,
+                       history=[{"epoch": 1, "train_loss": 2.0, "valid_loss": 0.75}], epoch_lr=0.002, branch=1)
+    state.gather(CPU, (12.5, 96))
+    expected_draws = _draws()  # what a run continues with after this checkpoint
+    path = tmp_path / "step-00000008-b1.pt"
+    atomic_save(checkpoint_contents(state, model, optimizer, schedule, scaler, cfg, dataset), path)
+
+    loaded, why = try_load(path)
+    assert why == "" and loaded is not None
+    assert set(loaded) == CHECKPOINT_KEYS
+    assert loaded["format"] == FORMAT and loaded["global_step"] == 8 and loaded["partial"] == [(12.5, 96)]
+    assert loaded["dataset"]["classes"] == dataset.classes and loaded["config"] == cfg.to_dict()
+
+    fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler = _parts(cfg, 2, steps_per_epoch)
+    fresh_schedule, lines = restore(loaded, path, cfg, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler,
+                                    dataset.classes, dataset.channels, steps_per_epoch)
+    assert lines == []
+    fresh_state = TrainState(steps_per_epoch)
+    fresh_state.load_state_dict(loaded)
+    assert fresh_state.resume_rank(CPU) == (12.5, 96)
+
+    after = _draws()
+    assert all(np.array_equal(a, b) for a, b in zip(after, expected_draws)), "random states not restored"
+    for field in ("epoch", "step_in_epoch", "best_valid_loss", "best_step", "history", "epoch_lr", "branch",
+                  "world_size", "partial", "global_step", "steps_per_epoch"):
+        assert getattr(fresh_state, field) == getattr(state, field), field
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh_model.state_dict().items())
+    assert fresh_schedule.state_dict() == schedule.state_dict()
+    assert fresh_schedule.lr == schedule.lr
+    # The same next step from both: optimizer state (momentum) and schedule were restored, not just weights.
+    _step(model, optimizer, schedule, batch)
+    _step(fresh_model, fresh_optimizer, fresh_schedule, batch)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh_model.state_dict().items())
+
+
+def test_state_round_trip_and_refusals():
+    state = TrainState(4, epoch=2, step_in_epoch=1, best_valid_loss=0.5, best_step=8, history=[{"epoch": 1}],
+                       epoch_lr=0.1, world_size=2, partial=[(1.0, 3), (2.0, 4)], rng=[{}, {}])
+    again = TrainState(99)
+    again.load_state_dict(state.state_dict())
+    assert again == state
+    # Resumed on one process: rank 0 carries both ranks' running sums; the random states are left as seeded.
+    before = torch.get_rng_state()
+    assert again.resume_rank(CPU) == (3.0, 7)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(CheckpointError, match="newer ddp_train"):
+        TrainState(4).load_state_dict({**state.state_dict(), "format": FORMAT + 1})
+    with pytest.raises(CheckpointError, match="missing best_step"):
+        TrainState(4).load_state_dict({k: v for k, v in state.state_dict().items() if k != "best_step"})
