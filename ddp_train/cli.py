@@ -12,6 +12,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from .commands import SUBCOMMANDS
+from .commands import run as run_subcommand
+from .commands.common import fail
 from .config import ConfigError, describe_keys, load_config, validate_for_device, validate_for_world
 from .distributed import (LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed, peer_gone,
                           shutdown)
@@ -38,21 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str, rank: int) -> int:
-    if rank == 0:
-        print(f"ddp_train: error: {message}", file=sys.stderr, flush=True)
-    return 2
-
-
 @record
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("eval", "predict", "plot", "demo"):  # using a trained model: see each one's --help
-        import importlib
-
-        module = {"eval": "evaluate", "predict": "predict", "plot": "plot", "demo": "demo"}[argv[0]]
-        return importlib.import_module(f".{module}", __package__).main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:  # using a trained model: see each one's --help
+        return run_subcommand(argv[0], argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
     args = _parser().parse_args(argv)
@@ -60,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = detect_launch(env)
     except LaunchError as e:
-        return _fail(str(e), 0)
+        return fail(str(e))
     try:
         cfg = load_config(args.config, args.overrides)
         validate_for_world(cfg, launch.world_size)
         validate_for_device(cfg, device_kind())  # before the run folder is written or the data loaded
     except ConfigError as e:
-        return _fail(str(e), launch.rank)
+        return fail(str(e), launch.rank)
 
     from .signals import Preempted, StopFlag
 
@@ -78,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
         except LaunchError as e:
-            return _fail(str(e), launch.rank)
+            return fail(str(e), launch.rank)
         try:
             train(cfg, ctx, stop_flag)
         except Preempted as e:

@@ -200,7 +200,7 @@ def test_without_gradio_says_how_to_install_it(tiny_run):
 
 
 def test_bad_checkpoint_gets_predict_s_one_line_errors(tmp_path, capsys):
-    from ddp_train import predict
+    from ddp_train.commands import predict
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint\n" * 10)
@@ -235,7 +235,7 @@ def test_gradio_s_own_port_error_is_one_line(monkeypatch):
     import gradio as gr
 
     from ddp_train.config import UserError
-    from ddp_train.demo import serve
+    from ddp_train.commands.demo import serve
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     with gr.Blocks(analytics_enabled=False) as page:

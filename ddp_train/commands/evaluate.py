@@ -21,31 +21,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .config import Config, ConfigError, config_from_dict
-from .errors import EXIT_USER_ERROR, UserError
+from ..config import Config, ConfigError, config_from_dict
+from ..errors import UserError
+from .common import SubcommandParser, fail
 
 SPLITS = ("test", "valid")
-
-
-class SubcommandParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), printed by rank 0 only."""
-
-    def __init__(self, *args: Any, rank: int = 0, **kw: Any) -> None:
-        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kw)
-        self.rank = rank
-
-    def error(self, message: str) -> NoReturn:
-        if self.rank == 0:
-            print(f"{self.prog}: error: {message} (see python -m {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
-
-
-def fail(message: str, rank: int = 0, report: bool = True) -> int:
-    """One line on stderr (rank 0, or the rank that reports), exit code 2."""
-    if rank == 0 and report:
-        print(f"ddp_train: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USER_ERROR
 
 
 def _parser(rank: int) -> SubcommandParser:
@@ -103,7 +83,7 @@ def default_run_dir(checkpoint: Path) -> Path | None:
 
 def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
     """The dataset, checked against the checkpoint, normalised with the training statistics."""
-    from .data import load_dataset_agreed
+    from ..data import load_dataset_agreed
 
     dataset = load_dataset_agreed(cfg, ctx)
     return ctx.run_agreed(_as_trained, dataset, trained.dataset)
@@ -123,7 +103,7 @@ def _as_trained(dataset: Any, meta: dict[str, Any]) -> Any:
 
 
 def _pick_split(dataset: Any, cfg: Config, split: str) -> Any:
-    from .data import build_splits
+    from ..data import build_splits
 
     _, valid, test = build_splits(dataset, cfg)
     chosen = valid if split == "valid" else test
@@ -137,8 +117,8 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     """Evaluate ``split`` on every rank; returns (EvalResult, the JSON-ready report)."""
     import torch
 
-    from .data.loaders import eval_loader
-    from .engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
+    from ..data.loaders import eval_loader
+    from ..engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
 
     dataset = _dataset(cfg, trained, ctx)
     ds = ctx.run_agreed(_pick_split, dataset, cfg, split)
@@ -243,8 +223,8 @@ def log_to_tensorboard(run_dir: Path, report: dict[str, Any]) -> str:
 
 
 def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_dir: Path | None) -> None:
-    from .checkpoint import atomic_write_text
-    from .tracking import _clean
+    from ..checkpoint import atomic_write_text
+    from ..tracking import _clean
 
     text = json.dumps(_clean(report), indent=2) + "\n"
     if args.output:
@@ -265,8 +245,8 @@ def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_
 
 
 def main(argv: list[str]) -> int:
-    from .distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
-    from .weights import build_trained_model, load_trained
+    from ..distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
+    from ..weights import build_trained_model, load_trained
 
     try:
         launch = detect_launch(environ())

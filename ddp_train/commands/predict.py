@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .evaluate import SubcommandParser, fail
+from ..errors import UserError
+from .common import SubcommandParser, fail
 
 CHUNK = 64  # files per forward pass
 
@@ -125,8 +125,8 @@ class Classifier:
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto") -> Classifier:
         """The checkpoint's model in eval mode on ``device``; raises UserError (one line) when unusable."""
-        from .data.transforms import eval_transform
-        from .weights import build_trained_model, load_trained
+        from ..data.transforms import eval_transform
+        from ..weights import build_trained_model, load_trained
 
         dev = _device(device)
         trained = load_trained(checkpoint)

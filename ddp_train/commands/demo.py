@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .evaluate import SubcommandParser, default_run_dir, fail
-from .signals import StopFlag
+from ..errors import UserError
+from ..signals import StopFlag
+from .common import SubcommandParser, fail
+from .evaluate import default_run_dir
 
 INSTALL = "pip install 'ddp_train[demo]' (or: pip install 'gradio>=6')"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -97,8 +98,8 @@ def write_examples(trained: Any, folder: Path, limit: int = MAX_EXAMPLES) -> lis
     import numpy as np
     from PIL import Image
 
-    from .config import config_from_dict
-    from .data import build_splits, load_dataset
+    from ..config import config_from_dict
+    from ..data import build_splits, load_dataset
 
     cfg = config_from_dict(trained.config, ["data.download=false"])
     dataset = load_dataset(cfg.data)

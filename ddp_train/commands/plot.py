@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .evaluate import SubcommandParser, fail
+from .common import SubcommandParser, fail
 
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 100  # -> a 1000 x 400 PNG
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         return fail(f"plot needs matplotlib, which is not installed; install it with: {INSTALL}")
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
 
     out = Path(args.output) if args.output else run_dir / "curves.png"
     fig = draw(history, run_dir.resolve().name)
