@@ -13,7 +13,7 @@ from ddp_train.distributed import DistContext
 from ddp_train.engine import Batcher, grad_scaler, train_one_epoch
 from ddp_train.optim import Schedule
 
-from .helpers import TINY, assert_ok, run_cli
+from .helpers import TINY, assert_ok, rel_diff, run_cli
 
 pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
@@ -53,18 +53,19 @@ def test_fp16_scaler_skips_overflowing_steps_and_keeps_its_state():
 
 
 def test_compiled_run_trains_like_eager_and_saves_plain_keys(tmp_path):
-    base = [*TINY, "train.epochs=1", "data.synthetic_size=100", f"out_dir={tmp_path}"]
+    # fp64: compiled kernels fuse and reorder float ops, so fp32 agreement would depend on the CPU.
+    base = [*TINY, "train.epochs=1", "data.synthetic_size=100", "train.precision=fp64", f"out_dir={tmp_path}"]
     compiled = run_cli([*base, "train.compile=true", "run_name=c"], timeout=400)
     assert_ok(compiled)
-    assert "fp32 + compile" in compiled.stdout
+    assert "fp64 + compile" in compiled.stdout
     assert_ok(run_cli([*base, "run_name=e"]))
     c = torch.load(tmp_path / "c" / "checkpoints" / "last.pt", weights_only=True)["model"]
     e = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert c.keys() == e.keys() and not any("_orig_mod" in k for k in c)
-    worst = max((c[k] - e[k]).abs().max().item() for k in c if c[k].is_floating_point())
-    assert worst < 1e-3
+    assert c["conv1.weight"].dtype == torch.float64
+    assert rel_diff(c, e) < 1e-9
     losses = [json.loads((tmp_path / r / "metrics.json").read_text())["history"][0]["train_loss"] for r in "ce"]
-    assert abs(losses[0] - losses[1]) < 1e-4
+    assert abs(losses[0] - losses[1]) < 1e-9
 
 
 def test_test_weights_final_tests_the_last_model(tmp_path):
