@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -41,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# How long a rank other than 0 waits before exiting on a bad config: rank 0 (same config, same
+# error) prints the job's one line, and the launcher ends the job when rank 0 exits. A rank that
+# exited first would make torchrun SIGTERM rank 0 before it had printed anything.
+REPORT_GRACE_S = 10.0
+
+
+def _config_error(message: str, rank: int) -> int:
+    """The bad-config exit: one line from rank 0; the other ranks give rank 0 time to say it first."""
+    if rank != 0:
+        time.sleep(REPORT_GRACE_S)
+    return fail(message, rank)
+
+
 @record
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_for_world(cfg, launch.world_size)
         validate_for_device(cfg, device_kind())  # before the run folder is written or the data loaded
     except ConfigError as e:
-        return fail(str(e), launch.rank)
+        return _config_error(str(e), launch.rank)
 
     from .signals import Preempted, StopFlag
 
