@@ -17,12 +17,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from ..config import Config, ConfigError, config_from_dict
-from ..errors import UserError
+from ..errors import EXIT_USER_ERROR, UserError
 from .common import SubcommandParser, fail
 
 SPLITS = ("test", "valid")
