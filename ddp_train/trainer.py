@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpointer, branch_for_resume, find_weights_at
-from .config import Config, dump_yaml
+from .config import Config, dump_yaml, flat_keys
 from .data import DataBundle, Dataset, build_data, load_dataset_agreed
 from .distributed import DistContext
 from .engine import TrainResult, evaluate, precision_name, train_one_epoch
@@ -281,10 +281,6 @@ def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | No
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for section, values in cfg.to_dict().items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if isinstance(value, (int, float, str, bool)):
-                    flat[f"{section}.{key}"] = value
-    return flat
+    """The section keys (``train.lr``, ...) with scalar values, for TensorBoard's hparams."""
+    return {key: value for key, value in flat_keys(cfg.to_dict()).items()
+            if "." in key and isinstance(value, (int, float, str, bool))}
