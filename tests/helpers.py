@@ -35,6 +35,15 @@ def assert_ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
 
 
+def run_cli_without(module: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m ddp_train ARGS`` in a process where ``import MODULE`` fails (an optional extra not installed)."""
+    code = (f"import sys; sys.modules[{module!r}] = None  # import {module} -> ImportError\n"
+            "from ddp_train.cli import main\n"
+            f"sys.exit(main({args!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .helpers import ROOT, assert_ok, clean_env, free_port, run_cli
+from .helpers import ROOT, assert_ok, clean_env, free_port, run_cli, run_cli_without
 
 URL_LINE = re.compile(r"^ddp_train demo: .* at (http://127\.0\.0\.1:\d+/) ")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -188,11 +188,7 @@ def test_ctrl_c_stops_cleanly(server):
 
 
 def test_without_gradio_says_how_to_install_it(tiny_run):
-    code = ("import sys; sys.modules['gradio'] = None  # import gradio -> ImportError\n"
-            "from ddp_train.cli import main\n"
-            f"sys.exit(main(['demo', '--checkpoint', {_best(tiny_run)!r}, '--port', '{free_port()}']))\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                         timeout=120)
+    res = run_cli_without("gradio", ["demo", "--checkpoint", _best(tiny_run), "--port", str(free_port())])
     assert res.returncode == 2 and res.stdout == ""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "demo needs gradio" in lines[0] and "pip install 'ddp_train[demo]'" in lines[0], \

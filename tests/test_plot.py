@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from PIL import Image
 
 from ddp_train.tracking import Tracker
 
-from .helpers import ROOT, clean_env, run_cli
+from .helpers import run_cli, run_cli_without
 
 pytestmark = pytest.mark.slow  # left out of the fast tier: pytest -m 'not slow'
 
@@ -53,11 +51,7 @@ def test_curves_png_written_and_read_back(run_dir, tmp_path):
 
 
 def test_without_matplotlib_says_how_to_install_it(run_dir):
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from ddp_train.cli import main\n"
-            f"sys.exit(main(['plot', {str(run_dir)!r}]))\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                         timeout=120)
+    res = run_cli_without("matplotlib", ["plot", str(run_dir)])
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "matplotlib" in lines[0] and "pip install 'ddp_train[plot]'" in lines[0], res.stderr
