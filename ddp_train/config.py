@@ -180,6 +180,20 @@ class DistConfig:
 
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo otherwise")
     timeout_s: int = _f(600, "process-group timeout in seconds (how long a collective may wait; at most 7 days)")
+    hang_timeout_s: int = _f(
+        300,
+        "hang watchdog: when no rank completes a step or evaluation batch for this many seconds, name the "
+        "rank(s) that stopped, write every live rank's stacks to <run>/hang/ and end the job (exit 3); 0: off. "
+        "Keep it below dist.timeout_s",
+    )
+    straggler_every_steps: int = _f(
+        50,
+        "every N steps the ranks share their data-loading and compute time per step (TensorBoard ranks/*) "
+        "and a slow rank is named; 0: off",
+    )
+    straggler_factor: float = _f(
+        1.5, "a rank is named a straggler when its data or compute time per step exceeds this times the "
+             "median of the other ranks', two windows in a row")
     bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB (bigger: fewer, larger all-reduces)")
     gradient_as_bucket_view: bool = _f(True, "DDP: gradients are views into the all-reduce buckets (saves a copy)")
     static_graph: bool = _f(
@@ -434,6 +448,11 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.seed <= MAX_SEED, "train.seed", f"an integer from 0 to 2**63-1 ({MAX_SEED})", t.seed)
     _check(1 <= dist.timeout_s <= MAX_TIMEOUT_S, "dist.timeout_s", f"an integer from 1 to {MAX_TIMEOUT_S} (7 days)",
            dist.timeout_s)
+    _check(0 <= dist.hang_timeout_s <= MAX_TIMEOUT_S, "dist.hang_timeout_s",
+           f"0 (off) or an integer number of seconds up to {MAX_TIMEOUT_S} (7 days)", dist.hang_timeout_s)
+    _check(dist.straggler_every_steps >= 0, "dist.straggler_every_steps", "an integer >= 0 (0: off)",
+           dist.straggler_every_steps)
+    _check(dist.straggler_factor > 1, "dist.straggler_factor", "a number > 1", dist.straggler_factor)
     _check(dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "a number > 0", dist.bucket_cap_mb)
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", cfg.checkpoint.every_steps)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)

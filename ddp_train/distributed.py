@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .steptime import CLOCK
 
 Launcher = Literal["torchrun", "slurm", "single"]
 T = TypeVar("T")
@@ -36,6 +37,9 @@ class LaunchInfo:
     restart_count: int = 0  # > 0 when torchrun or SLURM restarted this job: it must resume
     run_id: str | None = None  # an id stable across restarts (torchrun's rendezvous id), if any
     job_id: str | None = None  # the job this process belongs to (SLURM job, torchrun rendezvous), if known
+    # The key-value store every rank can reach: torchrun's agent store, or rank 0's under srun
+    # (MASTER_ADDR/MASTER_PORT either way). The hang watchdog heartbeats through it.
+    store_addr: tuple[str, int] | None = None
 
 
 class LaunchError(RuntimeError):
@@ -87,6 +91,8 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
             restart_count=restarts,
             run_id=run_id if stable else None,
             job_id=job_id(env),
+            store_addr=(env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+            if "MASTER_ADDR" in env and "MASTER_PORT" in env else None,
         )
     # SLURM_STEP_ID exists only inside an `srun` step: a plain `python` in a batch script of a
     # multi-task job must not wait for peers that were never started.
@@ -109,6 +115,7 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
                 master_port=port,
                 restart_count=restarts,
                 job_id=job_id(env),
+                store_addr=(env.get("MASTER_ADDR") or first_host(nodelist), port),
             )
     return LaunchInfo("single", restart_count=restarts, job_id=job_id(env))
 
@@ -127,6 +134,7 @@ class DistContext:
     restart_count: int = 0
     run_id: str | None = None
     job_id: str | None = None  # see LaunchInfo.job_id
+    store_addr: tuple[str, int] | None = None  # see LaunchInfo.store_addr
     # A gloo group beside NCCL for host-side agreement (stop flags, errors): a CPU all-reduce
     # that never waits for the GPU queue to drain, unlike an NCCL one read back with .item().
     control_group: Any = None
@@ -142,15 +150,17 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.distributed:
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+            with CLOCK.waiting_for_peers():
+                if self.backend == "nccl":
+                    dist.barrier(device_ids=[self.device.index])
+                else:
+                    dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place (returns it)."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with CLOCK.waiting_for_peers():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -158,7 +168,8 @@ class DistContext:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        with CLOCK.waiting_for_peers():
+            dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -166,7 +177,8 @@ class DistContext:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with CLOCK.waiting_for_peers():
+            dist.all_gather_object(out, obj)
         return out
 
     def _host_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -174,9 +186,21 @@ class DistContext:
         if not self.distributed:
             return tensor
         if self.control_group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control_group)
+            with CLOCK.waiting_for_peers():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control_group)
             return tensor
         return self.all_reduce_sum(tensor.to(self.device)).cpu()
+
+    def all_gather_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's small CPU ``tensor`` stacked by rank (world_size x ...), without synchronising the GPU."""
+        if not self.distributed:
+            return tensor.unsqueeze(0)
+        group = self.control_group
+        device = torch.device("cpu") if group is not None or self.backend == "gloo" else self.device
+        out = [torch.empty_like(tensor, device=device) for _ in range(self.world_size)]
+        with CLOCK.waiting_for_peers():
+            dist.all_gather(out, tensor.to(device), group=group)
+        return torch.stack(out).cpu()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
@@ -282,7 +306,7 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
     control = dist.new_group(backend="gloo") if backend == "nccl" and launch.world_size > 1 else None
     return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
                        restart_count=launch.restart_count, run_id=launch.run_id, job_id=launch.job_id,
-                       control_group=control)
+                       store_addr=launch.store_addr, control_group=control)
 
 
 def shutdown(ctx: DistContext) -> None:

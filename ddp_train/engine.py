@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .distributed import DistContext
 from .optim import Schedule
+from .steptime import CLOCK
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -124,10 +125,12 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
+        CLOCK.backward_done()
         scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         scaler.update()
     else:
         loss.backward()
+        CLOCK.backward_done()
         optimizer.step()
     return loss
 
@@ -165,11 +168,17 @@ def train_one_epoch(
     steps = start_step
     dtype = input_dtype(model)
     start = time.perf_counter()
-    for images, labels in progress(loader):
-        images, labels = batcher(images, labels, dtype)
-        loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler)
-        schedule.step_batch()
-        loss_sum += loss.detach().double() * labels.numel()
+    batches = iter(progress(loader))
+    while True:
+        with CLOCK.phase_of("data"):  # what the straggler report calls data: waiting for the next batch
+            batch = next(batches, None)
+        if batch is None:
+            break
+        with CLOCK.phase_of("compute"):
+            images, labels = batcher(*batch, dtype)
+            loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler)
+            schedule.step_batch()
+            loss_sum += loss.detach().double() * labels.numel()
         samples += labels.numel()
         new_samples += labels.numel()
         steps += 1
@@ -206,7 +215,6 @@ class EvalResult:
         }
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Batcher,
              amp_dtype: torch.dtype | None, num_classes: int) -> EvalResult:
     """Loss, accuracy and confusion matrix over ``loader``'s split, reduced across ranks.
@@ -214,6 +222,13 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Ba
     Pass the unwrapped model: the DDP wrapper broadcasts buffers in forward, and ranks may
     hold different numbers of evaluation batches.
     """
+    with CLOCK.phase_of("eval"):
+        return _evaluate(model, loader, ctx, batcher, amp_dtype, num_classes)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Batcher,
+              amp_dtype: torch.dtype | None, num_classes: int) -> EvalResult:
     model.eval()
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=ctx.device, dtype=torch.float64)
@@ -228,6 +243,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, batcher: Ba
         # (Sums of ones in float64 are exact in any order.)
         cells = labels * num_classes + pred
         confusion.scatter_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
+        CLOCK.progressed()  # for the hang watchdog: an evaluation batch is progress too
     # One collective for everything; float64 holds counts exactly up to 2**53.
     totals = ctx.all_reduce_sum(torch.cat([loss_sum.view(1), confusion])).cpu()
     matrix = totals[1:].view(num_classes, num_classes).round().long().numpy()

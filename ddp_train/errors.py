@@ -9,6 +9,7 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # bad input or environment: config, data, out_dir, a checkpoint, a run folder in use
+EXIT_HANG = 3  # the hang watchdog ended the job: no rank completed a step within dist.hang_timeout_s
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: "stopped cleanly with a checkpoint; run again with resume=auto"
 
 

@@ -21,6 +21,7 @@ from .engine import Batcher, autocast_dtype, grad_scaler, param_dtype
 from .models import build_model
 from .optim import Schedule, build_optimizer
 from .seeding import rank_seed, seed_all
+from .steptime import instrument_ddp
 from .syncbn import convert_sync_batchnorm
 
 
@@ -70,6 +71,8 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                     bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
                     static_graph=cfg.dist.static_graph)
+        if cfg.dist.straggler_every_steps and not cfg.train.compile:  # hooks would break compile's graphs
+            instrument_ddp(model)
     elif ctx.data_parallel:
         model = nn.DataParallel(model)
     if cfg.train.compile:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .steptime import CLOCK
+
 
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
@@ -38,7 +40,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         # var = sum n_r (var_r + (mean_r - mean)^2) / N avoids the cancellation of E[x^2] - mean^2.
         local = torch.cat([torch.full((1,), float(x.numel() // c), **stat), mean, var])
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, local, group=group)
+        with CLOCK.waiting_for_peers():
+            dist.all_gather(gathered, local, group=group)
         table = torch.stack(gathered)
         counts, means, vars_ = table[:, :1], table[:, 1 : c + 1], table[:, c + 1 :]
         count = counts.sum()
@@ -63,7 +66,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
             gy, x, weight, gmean, gvar, None, None, False, ctx.eps, [False, True, True])
         stat_dtype = gmean.dtype  # fp32, or fp64 for fp64 input
         sums = torch.cat([sum_dy.to(stat_dtype), sum_dy_xhat.to(stat_dtype)])
-        dist.all_reduce(sums, group=ctx.group)
+        with CLOCK.waiting_for_peers():
+            dist.all_reduce(sums, group=ctx.group)
         c = x.size(1)
         invstd = torch.rsqrt(gvar + ctx.eps)
         k = invstd * (weight.to(stat_dtype) if weight is not None else 1.0)

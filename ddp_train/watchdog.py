@@ -1,0 +1,273 @@
+"""The hang watchdog: when no rank completes a step within ``dist.hang_timeout_s``, say which rank
+stopped, leave every live rank's stacks in ``<run>/hang/rank<N>.txt`` and end the job (exit 3).
+
+Why a thread and the key-value store, not a collective: a stuck rank cannot join a collective (a
+frozen process runs no code at all), so progress is published where the healthy ranks can read it
+without the stuck one. Each rank's watchdog thread writes a heartbeat (a sequence number, its
+global step, its phase, whether it is waiting for peers) to the store every ``beat_s`` seconds:
+torchrun's agent store, or under ``srun`` the TCPStore that rank 0 hosts. A rank whose own clock
+(:data:`ddp_train.steptime.CLOCK`) shows no progress for ``hang_timeout_s``:
+
+1. reads every rank's heartbeat twice, ``2 * beat_s`` apart: a rank whose sequence number did not
+   move is *not responding* (stopped, or its host unreachable);
+2. writes its own stacks (``faulthandler``, every thread) and publishes where its main thread is;
+3. the lowest responding rank waits briefly for the others' stacks, prints the one summary line
+   (which ranks stopped making progress, at which step, in what; what the others wait in), and
+   every responding rank exits with :data:`~ddp_train.errors.EXIT_HANG`.
+
+The culprits: the ranks not responding; else the responding ranks that are not waiting for peers
+(e.g. stuck in data loading); else (all waiting: mismatched collectives) the lowest step.
+Checkpoints are atomic (written whole or not at all), so the last good one survives the exit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import status
+from .errors import EXIT_HANG
+from .steptime import CLOCK, PHASES
+
+
+def beat_interval(timeout_s: float) -> float:
+    """Seconds between heartbeats: a tenth of the timeout, between 0.5 and 5."""
+    return min(5.0, max(0.5, timeout_s / 10))
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One rank's heartbeat as published in the store."""
+
+    seq: int
+    step: int
+    phase: str
+    waiting: bool
+    host: str
+    pid: int
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Beat:
+        return Beat(**json.loads(raw))
+
+
+class Watchdog:
+    """Started on every rank for the training loop and the test evaluation (``with Watchdog(...)``).
+
+    ``store_addr`` None (a single process) watches this process alone.
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, run_dir: Path,
+                 store_addr: tuple[str, int] | None, namespace: str) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.run_dir, self.store_addr, self.prefix = run_dir, store_addr, f"ddp_train/watchdog/{namespace}/"
+        self.beat_s = beat_interval(timeout_s)
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddp_train-watchdog", daemon=True)
+        self._store: Any = None
+        self._seq = 0
+
+    def __enter__(self) -> Watchdog:
+        CLOCK.restart()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.beat_s + 1)
+
+    # ----------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        self._publish()  # at once: a rank frozen before its first interval is still known
+        while not self._stop.wait(self.beat_s):
+            self._publish()
+            if CLOCK.stalled_for() > self.timeout_s and not self._stop.is_set():
+                try:
+                    self._end()
+                finally:  # whatever happens while reporting, the job must end
+                    os._exit(EXIT_HANG)
+
+    def _connect(self) -> Any:
+        if self._store is None and self.store_addr is not None:
+            import torch.distributed as dist
+
+            # Its own client: the main thread's store connection may be in use, and a store op
+            # must give up (not block) when the host of the store is the rank that froze.
+            self._store = dist.TCPStore(self.store_addr[0], self.store_addr[1], is_master=False,
+                                        timeout=datetime.timedelta(seconds=max(2 * self.beat_s, 5.0)),
+                                        wait_for_workers=False)
+        return self._store
+
+    def _beat(self) -> Beat:
+        return Beat(self._seq, CLOCK.global_step, CLOCK.phase, CLOCK.waiting, self.host, os.getpid())
+
+    def _publish(self) -> None:
+        self._seq += 1
+        beat = self._beat()
+        self._store_op(lambda s: s.set(f"{self.prefix}beat/{self.rank}", beat.encode()))
+
+    def _store_op(self, op: Any) -> Any:
+        """``op(store)``; None when there is no store or it does not answer (its host may be the stuck one)."""
+        try:
+            store = self._connect()
+            return None if store is None else op(store)
+        except Exception:  # noqa: BLE001 - a store that does not answer is what this class reports on
+            return None
+
+    def _read_beats(self) -> dict[int, Beat]:
+        keys = [f"{self.prefix}beat/{r}" for r in range(self.world_size)]
+
+        def read(store: Any) -> dict[int, Beat]:
+            return {r: Beat.decode(store.get(k)) for r, k in enumerate(keys) if store.check([k])}
+
+        return self._store_op(read) or {}
+
+    # ----------------------------------------------------------------- the end
+
+    def _end(self) -> None:
+        """Decide, dump stacks, report (lowest responding rank) and exit with EXIT_HANG."""
+        stalled = CLOCK.stalled_for()
+        first = self._read_beats()
+        self._beat_while(lambda: False, 2 * self.beat_s)  # long enough for every live rank to beat twice
+        second = self._read_beats()
+        store_ok = self.store_addr is None or bool(second)
+        second[self.rank] = self._beat()  # this rank's own, whatever the store says
+        responding = sorted(r for r, b in second.items() if r == self.rank or (r in first and b.seq != first[r].seq))
+        if self.rank not in responding:
+            responding = sorted([*responding, self.rank])
+        where = self._dump_stacks(stalled)
+        self._store_op(lambda s: s.set(f"{self.prefix}where/{self.rank}", where.encode()))
+        if not store_ok:  # no way to agree on a reporter: each live rank says what it knows
+            print(f"ddp_train: hang: rank {self.rank}: no step completed for {stalled:.0f} s "
+                  f"(dist.hang_timeout_s={self.timeout_s:g}) and the rendezvous store at "
+                  f"{self.store_addr[0]}:{self.store_addr[1]} does not answer: the rank or node hosting it "
+                  f"(rank 0 under srun, the first node's torchrun agent) is stuck or gone; this rank was in {where}; "
+                  f"stacks: {self._stack_path()}; exit code {EXIT_HANG}", file=sys.stderr, flush=True)
+            os._exit(EXIT_HANG)
+        if self.rank == responding[0]:
+            wheres = {**self._gather_wheres(responding), self.rank: where}
+            summary = self._summary(stalled, second, responding, wheres)
+            status.current().exit(EXIT_HANG, f"hang: {summary}")  # for a launch script deciding on a requeue
+            print(f"ddp_train: hang: {summary}", file=sys.stderr, flush=True)
+            self._store_op(lambda s: s.set(f"{self.prefix}reported", b"1"))
+            self._kill_frozen_here(second, responding)
+        else:  # the reporter prints first: an early exit would make torchrun stop it
+            self._beat_while(lambda: bool(self._store_op(lambda s: s.check([f"{self.prefix}reported"]))),
+                             6 * self.beat_s + 5)
+        os._exit(EXIT_HANG)
+
+    def _beat_while(self, done: Any, seconds: float) -> None:
+        """Wait up to ``seconds`` for ``done()``, heartbeating meanwhile: the other ranks, deciding too, must
+        see this one responding."""
+        deadline, next_beat = time.monotonic() + seconds, time.monotonic() + self.beat_s
+        while time.monotonic() < deadline and not done():
+            if time.monotonic() >= next_beat:
+                self._publish()
+                next_beat += self.beat_s
+            time.sleep(min(0.2, self.beat_s / 2))
+
+    def _kill_frozen_here(self, beats: dict[int, Beat], responding: list[int]) -> None:
+        """SIGKILL the non-responding ranks on this machine. A stopped process ignores the launcher's SIGTERM
+        until it is continued; torchrun would wait 30 s before its own SIGKILL, and the job's end with it."""
+        for rank, beat in beats.items():
+            if rank not in responding and beat.host == self.host:
+                try:
+                    os.kill(beat.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _gather_wheres(self, responding: list[int]) -> dict[int, str]:
+        """Where each responding rank's main thread is, as each published it (waiting up to a few beats)."""
+        if self.store_addr is None:
+            return {}
+        keys = {r: f"{self.prefix}where/{r}" for r in responding}
+        self._beat_while(lambda: bool(self._store_op(lambda s: s.check(list(keys.values())))), 4 * self.beat_s + 3)
+        got = self._store_op(lambda s: {r: s.get(k).decode() for r, k in keys.items() if s.check([k])}) or {}
+        return got
+
+    def _stack_path(self, rank: int | None = None) -> Path:
+        return self.run_dir / "hang" / f"rank{self.rank if rank is None else rank}.txt"
+
+    def _dump_stacks(self, stalled: float) -> str:
+        """Write every thread's stack to ``<run>/hang/rank<N>.txt``; returns where the main thread is, in words."""
+        where = main_thread_location()
+        path = self._stack_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(f"rank {self.rank} of {self.world_size} on {self.host}, pid {os.getpid()}: no progress for "
+                        f"{stalled:.0f} s at global step {CLOCK.global_step}, in {PHASES.get(CLOCK.phase, CLOCK.phase)}"
+                        f"{', waiting for other ranks' if CLOCK.waiting else ''}; main thread in {where}\n\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError as e:
+            where += f" (stacks not written: {e})"
+        return f"{PHASES.get(CLOCK.phase, CLOCK.phase)}{', waiting for other ranks' if CLOCK.waiting else ''}, {where}"
+
+    def _summary(self, stalled: float, beats: dict[int, Beat], responding: list[int], wheres: dict[int, str]) -> str:
+        silent = [r for r in range(self.world_size) if r not in responding]
+        working = [r for r in responding if not beats.get(r, Beat(0, 0, "", True, "", 0)).waiting]
+        if silent:
+            culprits, why = silent, "not responding (process stopped, or its node unreachable)"
+        elif working:
+            culprits, why = working, "not waiting for other ranks"
+        else:
+            low = min(beats[r].step for r in responding)
+            culprits, why = [r for r in responding if beats[r].step == low], "every rank waits for the others"
+        parts = [f"no rank completed a step for {stalled:.0f} s (dist.hang_timeout_s={self.timeout_s:g}); "
+                 f"stopped making progress: " + ", ".join(
+                     f"rank {r} ({self._beat_words(beats.get(r))})" for r in culprits) + f" - {why}"]
+        others = [r for r in responding if r not in culprits]
+        if others:
+            parts.append("the others: " + ", ".join(
+                f"rank {r} at global step {beats[r].step} in {wheres.get(r, '?')}" for r in others))
+        for r in culprits:
+            if r in wheres:
+                parts.append(f"rank {r} was in {wheres[r]}")
+        parts.append(f"stacks: {self.run_dir / 'hang'}/rank<N>.txt for ranks {', '.join(map(str, responding))}")
+        if any(beats[r].host == self.host for r in silent if r in beats):
+            parts.append("the non-responding ranks on this machine were killed")
+        parts.append(f"the last checkpoint is kept (resume=auto); exit code {EXIT_HANG}")
+        return "; ".join(parts)
+
+    @staticmethod
+    def _beat_words(beat: Beat | None) -> str:
+        if beat is None:
+            return "no heartbeat ever"
+        return (f"on {beat.host}, last seen at global step {beat.step} in {PHASES.get(beat.phase, beat.phase)}"
+                f"{', waiting for other ranks' if beat.waiting else ''}")
+
+
+def main_thread_location() -> str:
+    """``function (file:line)`` of the main thread's innermost frame, and of the innermost ddp_train frame above it."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None:
+        return "?"
+
+    def words(f: Any) -> str:
+        return f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:{f.f_lineno})"
+
+    inner, ours = words(frame), None
+    f = frame
+    package = str(Path(__file__).parent)
+    while f is not None:
+        if f.f_code.co_filename.startswith(package):
+            ours = words(f)
+            break
+        f = f.f_back
+    return inner if ours is None or ours == inner else f"{inner} from {ours}"
