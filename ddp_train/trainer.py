@@ -7,6 +7,7 @@ a :class:`StepHook` after every optimizer step), then :func:`finish` (test, hype
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -21,12 +22,16 @@ from .data import DataBundle, Dataset, build_data, load_dataset_agreed
 from .distributed import DistContext
 from .engine import TrainResult, evaluate, precision_name, train_one_epoch
 from .learner import Learner, build_learner
+from .preflight import check_agreement
 from .resume import load_resume_checkpoint, restore
 from .rundir import prepare_run_dir, release_run_dir, write_run_config
 from .seeding import set_determinism
 from .signals import Preempted, StopFlag
 from .state import RunCheckpoints, TrainState
+from .steptime import CLOCK
+from .stragglers import StragglerReport
 from .tracking import NullTracker, Tracker
+from .watchdog import Watchdog
 
 Weights = dict[str, torch.Tensor]
 
@@ -56,14 +61,26 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         with StopFlag() as own:
             return train(cfg, ctx, own)
     set_determinism(cfg.train.deterministic)
+    CLOCK.reset(armed=not cfg.train.compile)  # with compile, the watchdog's clock starts after the first step
     resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
     run_dir, lock = prepare_run_dir(cfg, ctx, resume)
     try:
         run = set_up(cfg, ctx, run_dir, resume)
-        best_weights = train_epochs(cfg, ctx, run, stop_flag)
-        return finish(cfg, ctx, run, best_weights)
+        stragglers = StragglerReport(ctx, cfg.dist.straggler_every_steps, cfg.dist.straggler_factor, run.tracker)
+        with watch_for_hangs(cfg, ctx, run_dir):
+            best_weights = train_epochs(cfg, ctx, run, stop_flag, stragglers)
+            return finish(cfg, ctx, run, best_weights)
     finally:
         release_run_dir(lock, run_dir)
+
+
+def watch_for_hangs(cfg: Config, ctx: DistContext, run_dir: Path) -> contextlib.AbstractContextManager:
+    """The hang watchdog over the training loop and the test (off with ``dist.hang_timeout_s: 0``, or when
+    the ranks share no store: processes started by hand, as in the tests' ``spawn``)."""
+    if not cfg.dist.hang_timeout_s or (ctx.distributed and ctx.store_addr is None):
+        return contextlib.nullcontext()
+    return Watchdog(ctx.rank, ctx.world_size, cfg.dist.hang_timeout_s, run_dir, ctx.store_addr,
+                    f"attempt{ctx.restart_count}")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -76,6 +93,7 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     the first write.
     """
     dataset = load_dataset_agreed(cfg, ctx)
+    check_agreement(cfg, ctx, dataset)  # same code, config and data on every rank, before any write
     data = ctx.run_agreed(build_data, dataset, cfg, ctx)
     steps_per_epoch = len(data.train)
     ckpt, resumed_from = load_resume_checkpoint(resume, run_dir, ctx) or (None, None)
@@ -159,12 +177,19 @@ class StepHook:
     checkpoints: RunCheckpoints
     tracker: NullTracker
     stop_flag: StopFlag
+    stragglers: StragglerReport
 
     def __call__(self, done: int, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
         """``done`` steps of the epoch so far; ``loss_sum``/``samples``: this rank's running sums."""
+        self.state.step_in_epoch = done
+        CLOCK.step_done(self.state.global_step)
+        with CLOCK.phase_of("sync"):
+            self._after_step(loss, loss_sum, samples)
+
+    def _after_step(self, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
         state, ctx = self.state, self.ctx
-        state.step_in_epoch = done
-        global_step = state.global_step
+        done, global_step = state.step_in_epoch, state.global_step
+        self.stragglers(global_step)
         if global_step % self.cfg.train.log_every_steps == 0:
             mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
             self.tracker.scalar("train/loss", float(mean.item()), global_step)
@@ -179,7 +204,8 @@ class StepHook:
                 raise Preempted(self.stop_flag.name or "a signal to another rank", str(path))
 
 
-def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag) -> Weights | None:
+def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
+                 stragglers: StragglerReport) -> Weights | None:
     """Train, validate and checkpoint each epoch, from where ``run.state`` stands, to ``train.epochs``.
 
     Returns the best epoch's weights when ``train.test_weights`` is best and that epoch ran here
@@ -191,7 +217,7 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag) -
         epoch_start = time.perf_counter()
         if state.step_in_epoch == 0:  # an interrupted epoch keeps the lr it started with
             state.epoch_lr = learner.schedule.lr
-        result = train_epoch(cfg, ctx, run, StepHook(cfg, ctx, state, run.checkpoints, tracker, stop_flag), partial)
+        result = train_epoch(cfg, ctx, run, StepHook(cfg, ctx, state, run.checkpoints, tracker, stop_flag, stragglers), partial)
         # The previous checkpoint has had a whole epoch to reach the disk. Waiting here also keeps
         # the writer thread from running while evaluation loaders fork worker processes.
         run.checkpoints.wait()
