@@ -50,7 +50,7 @@ def test_two_nodes_on_one_machine_equal_one_node(local_run):
     assert_ok(local)
     port = free_port()
     args = [*CONFIG, f"out_dir={out}", "run_name=two_nodes"]
-    env = clean_env(PYTHON=sys.executable, NPROC_PER_NODE="1")
+    env = clean_env(PYTHON=sys.executable, NPROC_PER_NODE="1", ALLOW_LOOPBACK="1")  # both "nodes" are this machine
     nodes = [subprocess.Popen([str(LAUNCH / "multinode.sh"), str(rank), "2", "127.0.0.1", str(port), *args],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (1, 0)]  # the non-head node first: it waits for the head
