@@ -20,6 +20,7 @@ from .config import ConfigError, describe_keys, load_config, validate_for_device
 from .distributed import (LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed, peer_gone,
                           shutdown)
 from .errors import EXIT_CHECKPOINTED, UserError
+from .status import reported
 
 USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
   torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]
@@ -56,6 +57,7 @@ def _config_error(message: str, rank: int) -> int:
 
 
 @record
+@reported  # DDP_TRAIN_STATUS_FILE: how the run ended, for launch scripts (status.py)
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ddp_train`` and the ``ddp-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)

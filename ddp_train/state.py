@@ -26,6 +26,7 @@ from .errors import UserError
 from .learner import Learner
 from .optim import Schedule
 from .seeding import get_rng_state, set_rng_state
+from .status import current as current_status
 
 # Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
 LAYOUT = ("format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
@@ -152,6 +153,7 @@ class RunCheckpoints:
         parts = self.learner
         contents = checkpoint_contents(state, parts.model_without_ddp, parts.optimizer, parts.schedule, parts.scaler,
                                        self.cfg, self.dataset)
+        current_status().checkpoint(state.global_step, self.checkpointer.last)  # progress, for launch scripts
         if not background:
             return self.ctx.run_agreed(self.checkpointer.save, contents, state.global_step, improved)
         try:
