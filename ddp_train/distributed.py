@@ -7,6 +7,7 @@ process group are no-ops, so the training loop reads the same at any world size.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -288,11 +289,13 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
     if launch.world_size > 1:
         timeout = datetime.timedelta(seconds=timeout_s)
         if launch.launcher == "torchrun":
-            # torchrun keeps one key-value store across restarts (it shares its rendezvous store); a
-            # restarted group that reads the previous attempt's gloo/NCCL addresses from it fails to
-            # connect. A prefix per attempt keeps the attempts apart.
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-            store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
+            if environ().get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # The agent's store outlives a restart; a restarted group that read the previous
+                # attempt's gloo/NCCL addresses from it would fail to connect: a prefix per attempt.
+                # (With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each round gets a new store, and the
+                # attempt counts of the agents may differ: a node that joins later counts from 0.)
+                store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
             dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                     timeout=timeout)
         else:
@@ -304,9 +307,12 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
                 timeout=timeout,
             )
     control = dist.new_group(backend="gloo") if backend == "nccl" and launch.world_size > 1 else None
-    return DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
-                       restart_count=launch.restart_count, run_id=launch.run_id, job_id=launch.job_id,
-                       store_addr=launch.store_addr, control_group=control)
+    ctx = DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
+                      restart_count=launch.restart_count, run_id=launch.run_id, job_id=launch.job_id,
+                      store_addr=launch.store_addr, control_group=control)
+    # Each torchrun agent counts its own restarts: a node that joined after a failure says 0 where
+    # the others say 1. The job restarted if any rank did; every rank must see the same count.
+    return dataclasses.replace(ctx, restart_count=max(ctx.all_gather_object(launch.restart_count)))
 
 
 def shutdown(ctx: DistContext) -> None:

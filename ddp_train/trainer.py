@@ -63,7 +63,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     set_determinism(cfg.train.deterministic)
     CLOCK.reset(armed=not cfg.train.compile)  # with compile, the watchdog's clock starts after the first step
     resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
-    run_dir, lock = prepare_run_dir(cfg, ctx, resume)
+    run_dir, lock, resume = prepare_run_dir(cfg, ctx, resume)
     try:
         run = set_up(cfg, ctx, run_dir, resume)
         stragglers = StragglerReport(ctx, cfg.dist.straggler_every_steps, cfg.dist.straggler_factor, run.tracker)

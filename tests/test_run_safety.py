@@ -271,3 +271,25 @@ def test_a_full_checkpoint_folder_stops_at_that_save_and_keeps_the_previous(smal
     last = load_checkpoint(folder / "last.pt")  # still whole
     assert last["global_step"] == 2
     assert not list(folder.glob(".*tmp*"))  # no partial file left behind
+
+
+def test_a_reformed_torchrun_group_continues_its_own_run_only(tmp_path):
+    # torchrun re-forms the group when a node joins, without counting a restart: the workers start
+    # with TORCHELASTIC_RESTART_COUNT=0 and no resume setting, and must continue their own run.
+    from ddp_train.errors import UserError
+    from ddp_train.rundir import claim_run_dir
+
+    run = tmp_path / "r"
+    lock, continuing = claim_run_dir(run, "r", None, "torchrun:job1")
+    assert not continuing and (run / "job").read_text() == "torchrun:job1\n"
+    (run / "checkpoints" / "step-00000004.pt").write_bytes(b"x")
+    lock.release()
+    lock, continuing = claim_run_dir(run, "r", None, "torchrun:job1")  # the same job, re-formed
+    assert continuing
+    lock.release()
+    for other in ("torchrun:job2", None):  # another job, or one without an id: refused as before
+        with pytest.raises(UserError, match="already holds a run"):
+            claim_run_dir(run, "r", None, other)
+    lock, continuing = claim_run_dir(run, "r", "auto", "torchrun:job2")  # an explicit resume=auto takes it on
+    assert not continuing and (run / "job").read_text() == "torchrun:job2\n"
+    lock.release()
