@@ -129,6 +129,14 @@ class TrainConfig:
         "at any world size; must be divisible by the world size",
     )
     lr: float = _f(0.01, "peak learning rate (for the global batch)")
+    micro_batch_size: int | None = _f(
+        None,
+        "gradient accumulation: each rank runs its batch (train.batch_size / world size) as forward-backward "
+        "passes over micro-batches of this many samples, one optimizer step (and one gradient all-reduce) per "
+        "batch; must divide the per-rank batch. The gradient and the reported loss are the whole batch's; batch "
+        "norm normalises each micro-batch (see Configuration in the README); dist.static_graph is then off (torch's "
+        "no_sync fails under it); null: no accumulation",
+    )
     optimizer: Literal["sgd", "adamw"] = _f("adamw", "sgd (with momentum) or adamw")
     momentum: float = _f(
         0.9, "SGD momentum, or AdamW's beta1; the optimizer keeps it at every step unless train.cycle_momentum > 0"
@@ -432,6 +440,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)
     _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _check(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size",
+           "null or an integer >= 1 that divides the per-rank batch", t.micro_batch_size)
     _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
     _check(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
     _check(0 <= t.cycle_momentum <= t.momentum, "train.cycle_momentum", "a number in [0, train.momentum]",
@@ -477,6 +487,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"train.batch_size: expected a multiple of the world size {world_size} (it is the global "
             f"batch, split evenly across ranks), got {cfg.train.batch_size}"
         )
+    micro, per_rank = cfg.train.micro_batch_size, cfg.train.batch_size // world_size
+    if micro is not None and per_rank % micro != 0:
+        raise ConfigError(f"train.micro_batch_size: expected a divisor of the per-rank batch {per_rank} "
+                          f"(train.batch_size {cfg.train.batch_size} / {world_size} ranks), got {micro}")
 
 
 # Keys that do not change what is trained: where files go, logging, loader processes, launch

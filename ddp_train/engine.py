@@ -117,22 +117,61 @@ StepHook = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                amp_dtype: torch.dtype | None, label_smoothing: float = 0.0,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """Forward, backward and optimizer step on one batch already on the device; returns the loss."""
-    with _autocast(images.device, amp_dtype):
-        logits = model(images)
-    loss = F.cross_entropy(_at_least_fp32(logits), labels, label_smoothing=label_smoothing)
+               scaler: torch.amp.GradScaler | None = None, micro_batch_size: int | None = None) -> torch.Tensor:
+    """Forward, backward and optimizer step on one batch already on the device; returns the batch's mean loss.
+
+    With ``micro_batch_size`` the batch runs as several forward-backward passes (:func:`micro_batches`)
+    whose gradients add up to the whole batch's: each micro-batch's mean loss is weighted by its share
+    of the batch. Only the last backward all-reduces (DDP's ``no_sync`` around the others).
+    """
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        CLOCK.backward_done()
-        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-        scaler.update()
+    scaling = scaler is not None and scaler.is_enabled()
+    parts = micro_batches(images, labels, micro_batch_size)
+    shares = []  # each micro-batch's loss times its share of the batch: their sum is the batch's loss
+    for i, (x, y) in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last else _no_sync(model):
+            with _autocast(images.device, amp_dtype):
+                logits = model(x)
+            loss = F.cross_entropy(_at_least_fp32(logits), y, label_smoothing=label_smoothing)
+            share = loss if len(parts) == 1 else loss * (y.numel() / labels.numel())
+            (scaler.scale(share) if scaling else share).backward()  # type: ignore[union-attr]
+        shares.append(share.detach())
+    CLOCK.backward_done()  # after the last (all-reducing) backward: the wait for its buckets is timed
+    if scaling:
+        scaler.step(optimizer)  # type: ignore[union-attr]  # skipped when the scaled gradients overflowed
+        scaler.update()  # type: ignore[union-attr]
     else:
-        loss.backward()
-        CLOCK.backward_done()
         optimizer.step()
-    return loss
+    # Without accumulation the batch's loss as it always was (no extra rounding).
+    return loss if len(parts) == 1 else torch.stack(shares).double().sum()
+
+
+def micro_batches(images: torch.Tensor, labels: torch.Tensor,
+                  micro_batch_size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batch as ``k = len / micro_batch_size`` micro-batches, strided: micro-batch i holds
+    samples i, i + k, i + 2k, ... (the whole batch when ``micro_batch_size`` is None or not smaller).
+
+    Strided, not in consecutive runs, because a rank's sample j is the global batch's sample
+    ``j * W + r`` (rank r of W, see ``EpochDistributedSampler``): micro-batch i of rank r is then the
+    global batch's samples ``= i * W + r (mod B / micro_batch_size)``, groups that depend on the micro-batch
+    size alone. Batch norm without SyncBN normalises over exactly these groups, so a run keeps its
+    results at any world size as long as ``train.micro_batch_size`` stays the same.
+    """
+    n = labels.numel()
+    if micro_batch_size is None or micro_batch_size >= n:
+        return [(images, labels)]
+    k = n // micro_batch_size
+    # Each micro-batch dense, with the batch's own strides (the Batcher's layout: kernels, so rounding,
+    # depend on it): empty_like keeps the strides of a dense tensor such as images[:micro_batch_size].
+    return [(torch.empty_like(images[:micro_batch_size]).copy_(images[i::k]), labels[i::k]) for i in range(k)]
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync``: gradients accumulate on this rank without an all-reduce (reached through a
+    ``torch.compile`` wrapper too); DataParallel and a bare module have no all-reduce to skip."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if callable(no_sync) else contextlib.nullcontext()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -154,12 +193,14 @@ def train_one_epoch(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     start_step: int = 0,
     start_partial: tuple[float, int] = (0.0, 0),
+    micro_batch_size: int | None = None,
 ) -> TrainResult:
     """One pass over this rank's shard (from ``start_step`` when resuming mid-epoch).
 
     ``on_step(steps_done, loss, loss_sum, samples)`` runs on every rank after each optimizer
     step, with this rank's running sums (what a mid-epoch checkpoint must keep). Losses are
-    summed on the device; the host reads them once, at the end (no per-step sync).
+    summed on the device; the host reads them once, at the end (no per-step sync). Each step
+    accumulates gradients over micro-batches of ``micro_batch_size`` (None: the whole batch at once).
     """
     model.train()
     loss_sum = torch.tensor(start_partial[0], device=ctx.device, dtype=torch.float64)
@@ -176,7 +217,8 @@ def train_one_epoch(
             break
         with CLOCK.phase_of("compute"):
             images, labels = batcher(*batch, dtype)
-            loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler)
+            loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler,
+                              micro_batch_size)
             schedule.step_batch()
             loss_sum += loss.detach().double() * labels.numel()
         samples += labels.numel()

@@ -70,7 +70,8 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
     if ctx.distributed:
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                     bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-                    static_graph=cfg.dist.static_graph)
+                    # Accumulation's no_sync fails under static_graph (torch issue 143580): off then.
+                    static_graph=cfg.dist.static_graph and cfg.train.micro_batch_size is None)
         if cfg.dist.straggler_every_steps and not cfg.train.compile:  # hooks would break compile's graphs
             instrument_ddp(model)
     elif ctx.data_parallel:

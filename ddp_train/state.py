@@ -10,11 +10,13 @@ the four objects back, :meth:`TrainState.load_state_dict` the rest.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ from .status import current as current_status
 # Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
 LAYOUT = ("format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
           "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset", "world_size",
-          "partial", "rng", "epoch_lr")
+          "partial", "rng", "epoch_lr", "sample_digest")
 # The keys TrainState writes and reads; the others are the model, optimizer, schedule, scaler, config, dataset.
 STATE_KEYS = tuple(k for k in LAYOUT if k not in ("model", "optimizer", "scheduler", "scaler", "config", "dataset"))
 
@@ -51,10 +53,18 @@ class TrainState:
     world_size: int = 1  # of the run that gathered partial and rng
     partial: list[tuple[float, int]] = field(default_factory=list)  # per rank: (loss sum, samples) of the epoch so far
     rng: list[dict[str, Any]] = field(default_factory=list)  # per rank: seeding.get_rng_state()
+    # Every global step's sample ids folded in (fold_digest); None: resumed from a checkpoint written without one.
+    sample_digest: str | None = ""
 
     @property
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    def fold_samples(self, ids: np.ndarray) -> None:
+        """Fold one global step's sample ids (the global batch's dataset indices, in global order) into
+        :attr:`sample_digest`; an unknown digest (None) stays unknown."""
+        if self.sample_digest is not None:
+            self.sample_digest = fold_digest(self.sample_digest, ids)
 
     def gather(self, ctx: DistContext, partial: tuple[float, int]) -> None:
         """Collect every rank's running sums (this rank's: ``partial``) and random state, for a checkpoint.
@@ -87,6 +97,7 @@ class TrainState:
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_valid_loss": self.best_valid_loss, "best_step": self.best_step, "history": list(self.history),
             "world_size": self.world_size, "partial": self.partial, "rng": self.rng, "epoch_lr": self.epoch_lr,
+            "sample_digest": self.sample_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,6 +115,16 @@ class TrainState:
         self.world_size = state["world_size"]
         self.partial = [tuple(p) for p in state["partial"]]  # type: ignore[misc]
         self.rng = list(state["rng"])
+        self.sample_digest = state.get("sample_digest")  # None from checkpoints written before the digest
+
+
+def fold_digest(digest: str, ids: np.ndarray) -> str:
+    """The running sample digest after one more global step: the first 16 hex digits of
+    sha256(previous digest, the step's ids as little-endian int64). Equal digests mean the same samples
+    in the same steps, in the same order; the first step folds into the empty digest ``""``."""
+    h = hashlib.sha256(digest.encode("ascii"))
+    h.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+    return h.hexdigest()[:16]
 
 
 def dataset_meta(dataset: Dataset) -> dict[str, Any]:

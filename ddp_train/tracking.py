@@ -82,6 +82,7 @@ class Tracker(NullTracker):
             f"epoch {record['epoch']:>3} | train_loss {record['train_loss']:.4f} | valid_loss "
             f"{record['valid_loss']:.4f} | valid_acc {record['valid_acc']:.4f} | lr {record['lr']:.3g} | "
             f"{record['img_per_s']:.0f} img/s | {record['epoch_s']:.1f} s"
+            + (f" | samples {record['sample_digest']}" if record.get("sample_digest") else "")
         )
 
     def log_test(self, result: dict[str, Any]) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpointer, branch_for_resume, find_weights_at
@@ -178,10 +180,12 @@ class StepHook:
     tracker: NullTracker
     stop_flag: StopFlag
     stragglers: StragglerReport
+    batch_ids: Callable[[int], np.ndarray]  # the sample ids of the epoch's global step k (DataBundle.global_batch_ids)
 
     def __call__(self, done: int, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
         """``done`` steps of the epoch so far; ``loss_sum``/``samples``: this rank's running sums."""
         self.state.step_in_epoch = done
+        self.state.fold_samples(self.batch_ids(done - 1))
         CLOCK.step_done(self.state.global_step)
         with CLOCK.phase_of("sync"):
             self._after_step(loss, loss_sum, samples)
@@ -217,7 +221,9 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
         epoch_start = time.perf_counter()
         if state.step_in_epoch == 0:  # an interrupted epoch keeps the lr it started with
             state.epoch_lr = learner.schedule.lr
-        result = train_epoch(cfg, ctx, run, StepHook(cfg, ctx, state, run.checkpoints, tracker, stop_flag, stragglers), partial)
+        batch_ids = functools.partial(run.data.global_batch_ids, batch_size=cfg.train.batch_size)
+        result = train_epoch(cfg, ctx, run, StepHook(cfg, ctx, state, run.checkpoints, tracker, stop_flag, stragglers,
+                                                     batch_ids), partial)
         # The previous checkpoint has had a whole epoch to reach the disk. Waiting here also keeps
         # the writer thread from running while evaluation loaders fork worker processes.
         run.checkpoints.wait()
@@ -236,6 +242,7 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
         record = {
             "epoch": state.epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
             "lr": state.epoch_lr, "img_per_s": result.img_per_s, "epoch_s": time.perf_counter() - epoch_start,
+            "sample_digest": state.sample_digest,
         }
         state.history.append(record)
         state.epoch, state.step_in_epoch, state.epoch_lr, partial = state.epoch + 1, 0, learner.schedule.lr, (0.0, 0)
@@ -263,7 +270,8 @@ def train_epoch(cfg: Config, ctx: DistContext, run: Run, on_step: StepHook, part
                                  desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}")
     return train_one_epoch(learner.model, loader, learner.optimizer, learner.schedule, ctx, learner.batcher,
                            learner.amp_dtype, cfg.train.label_smoothing, learner.scaler, on_step, progress,
-                           start_step=state.step_in_epoch, start_partial=partial)
+                           start_step=state.step_in_epoch, start_partial=partial,
+                           micro_batch_size=cfg.train.micro_batch_size)
 
 
 # --------------------------------------------------------------------------- finish

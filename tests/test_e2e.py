@@ -50,7 +50,7 @@ def test_torchrun_run_folder(runs):
     metrics = json.loads((run / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     for h in metrics["history"]:
-        assert set(h) == {"epoch", "train_loss", "valid_loss", "valid_acc", "lr", "img_per_s", "epoch_s"}
+        assert set(h) == {"epoch", "train_loss", "valid_loss", "valid_acc", "lr", "img_per_s", "epoch_s", "sample_digest"}
         assert h["img_per_s"] > 0 and 0 <= h["valid_acc"] <= 1
     test = metrics["test"]
     assert test["count"] == 40  # synthetic_size 200 -> a test set of 40, counted exactly once

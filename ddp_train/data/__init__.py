@@ -44,6 +44,11 @@ class DataBundle:
     def classes(self) -> list[str]:
         return self.dataset.classes
 
+    def global_batch_ids(self, step: int, batch_size: int) -> np.ndarray:
+        """Source dataset indices of the current epoch's global batch ``step`` (the sample digest's input):
+        the same on every rank and at any world size, computed here without communication."""
+        return self.train.dataset.indices[self.sampler.global_batch(step, batch_size)]
+
 
 def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
     """Every rank loads the data; a failure on any rank stops all of them with its message.

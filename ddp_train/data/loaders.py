@@ -74,14 +74,36 @@ class SplitDataset(torch.utils.data.Dataset):
 class EpochDistributedSampler(DistributedSampler):
     """DistributedSampler whose items carry the epoch, for per-sample augmentation seeds.
 
+    The epoch's global order (:meth:`epoch_order`) is DistributedSampler's: a permutation seeded by
+    seed + epoch, cut to a multiple of the world size; rank r reads its positions r, r + W, r + 2W, ...
+    Global batch k of B samples is therefore positions ``k*B .. (k+1)*B - 1`` of that order at any
+    world size, and every rank can name it (:meth:`global_batch`) without asking the others.
+
     ``skip`` drops the first items of the epoch's order: resuming after k global batches sets
     it to k x the per-rank batch, and the rest of the epoch is the same samples as uninterrupted.
     """
 
     skip: int = 0
+    _order: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per epoch
+
+    def epoch_order(self) -> np.ndarray:
+        """Dataset positions of the current epoch, every rank's, in global order (training is drop_last)."""
+        if not self.drop_last:  # padding would repeat samples; the training loaders never ask for it
+            raise ValueError("EpochDistributedSampler needs drop_last=True")
+        if self._order is None or self._order[0] != self.epoch:
+            n = len(self.dataset)  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
+            self._order = (self.epoch, order[:self.total_size])
+        return self._order[1]
+
+    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
+        """Dataset positions of the epoch's global batch ``step`` (0-based) of ``batch_size`` (the global batch)."""
+        return self.epoch_order()[step * batch_size:(step + 1) * batch_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        for n, i in enumerate(super().__iter__()):
+        # This rank's share of the one global order the digest (global_batch) also reads.
+        for n, i in enumerate(self.epoch_order()[self.rank::self.num_replicas].tolist()):
             if n >= self.skip:
                 yield (self.epoch, i)
 
