@@ -81,8 +81,10 @@ def watch_for_hangs(cfg: Config, ctx: DistContext, run_dir: Path) -> contextlib.
     the ranks share no store: processes started by hand, as in the tests' ``spawn``)."""
     if not cfg.dist.hang_timeout_s or (ctx.distributed and ctx.store_addr is None):
         return contextlib.nullcontext()
-    return Watchdog(ctx.rank, ctx.world_size, cfg.dist.hang_timeout_s, run_dir, ctx.store_addr,
-                    f"attempt{ctx.restart_count}")
+    # One process watches itself: it has nobody to heartbeat to (and under torchrun with
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, nobody hosts a store at MASTER_ADDR for a group of one).
+    return Watchdog(ctx.rank, ctx.world_size, cfg.dist.hang_timeout_s, run_dir,
+                    ctx.store_addr if ctx.distributed else None, f"attempt{ctx.restart_count}")
 
 
 # --------------------------------------------------------------------------- set-up
