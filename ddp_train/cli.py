@@ -8,8 +8,10 @@ one line on stderr (from rank 0), never a hang.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from collections.abc import Mapping
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -17,10 +19,11 @@ from .commands import SUBCOMMANDS
 from .commands import run as run_subcommand
 from .commands.common import fail
 from .config import ConfigError, describe_keys, load_config, validate_for_device, validate_for_world
-from .distributed import (LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed, peer_gone,
-                          shutdown)
+from .distributed import (DistContext, LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed,
+                          peer_gone, shutdown)
 from .errors import EXIT_CHECKPOINTED, UserError
 from .status import reported
+from .steptime import CLOCK
 
 USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
   torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]
@@ -54,6 +57,23 @@ def _config_error(message: str, rank: int) -> int:
     if rank != 0:
         time.sleep(REPORT_GRACE_S)
     return fail(message, rank)
+
+
+def peer_lost_line(ctx: DistContext, error: BaseException, env: Mapping[str, str]) -> str:
+    """The line for a collective that failed because another rank's process ended: which peer (gloo's
+    error names its address, not its rank), after which global step, and what happens next."""
+    found = re.search(r"\[([^\]\s]+)\]:(\d+)", str(error))
+    peer = f"the rank at {found.group(1)}:{found.group(2)}" if found else "a peer"
+    # CLOCK.global_step: the last step this process completed (0 before its first, resumed or not).
+    when = f"after global step {CLOCK.global_step}" if CLOCK.global_step else "before this process's first step"
+    limit = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if ctx.launcher == "torchrun" and limit.isdigit() and ctx.restart_count < int(limit):
+        then = (f"torchrun restarts the group with the nodes left (restart {ctx.restart_count + 1} of {limit}) "
+                f"and it resumes from the newest checkpoint in the run folder")
+    else:  # no torchrun restart left (or none asked for): under launch/slurm.sbatch the job is requeued
+        then = ("the job ends (the first error above, if any, says why); run it again with resume=auto to continue "
+                "from the newest checkpoint in the run folder")
+    return f"ddp_train: rank {ctx.rank}: lost {peer} (its process ended: a crash, a kill or a lost node) {when}; {then}"
 
 
 @record
@@ -104,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             if not (ctx.distributed and peer_gone(e)):
                 raise  # a bug: its traceback (and torchrun's error file, through @record)
-            # The rank that ended first has said why; a traceback from each survivor would bury it.
-            print(f"ddp_train: rank {ctx.rank}: stopping: another rank ended during a collective "
-                  f"(its own message, above, says why)", file=sys.stderr, flush=True)
+            # A peer's process ended (a crash says why above it; a lost node says nothing): one line
+            # per surviving node, not a traceback per rank.
+            if ctx.local_rank == 0:
+                print(peer_lost_line(ctx, e, env), file=sys.stderr, flush=True)
             return 1
         finally:
             shutdown(ctx)

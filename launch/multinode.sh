@@ -12,6 +12,9 @@
 # results on the head node) and 1..NNODES-1 elsewhere. PORT (default 29500) must be free on the
 # head node and reachable from the others. The remaining arguments go to `python -m ddp_train`;
 # every node must get the same ones.
+# NNODES may be MIN:MAX (e.g. 1:2, with RDZV_BACKEND=c10d or etcd-v2): an elastic job that goes on
+# when nodes are lost (down to MIN) and takes in nodes that join later (up to MAX), resuming each
+# time from the newest checkpoint with the same global batch (README: Elastic training).
 set -euo pipefail
 
 # True when HEAD_ADDR ($1) is a loopback address or localhost. A name that resolves here to loopback
@@ -29,7 +32,7 @@ head_is_loopback() {
 }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 [ $# -ge 3 ] || usage
@@ -42,11 +45,17 @@ if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then
     PORT="$1"
     shift
 fi
-[[ "$NODE_RANK" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+$ ]] || usage
-[ "$NODE_RANK" -lt "$NNODES" ] || { echo "multinode.sh: NODE_RANK $NODE_RANK must be below NNODES $NNODES" >&2; exit 2; }
+[[ "$NODE_RANK" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+(:[0-9]+)?$ ]] || usage
+MIN_NODES="${NNODES%%:*}"  # N, or MIN and MAX of MIN:MAX
+MAX_NODES="${NNODES##*:}"
+if [ "$MIN_NODES" -lt 1 ] || [ "$MIN_NODES" -gt "$MAX_NODES" ]; then
+    echo "multinode.sh: NNODES $NNODES: expected N >= 1 or MIN:MAX with 1 <= MIN <= MAX" >&2
+    exit 2
+fi
+[ "$NODE_RANK" -lt "$MAX_NODES" ] || { echo "multinode.sh: NODE_RANK $NODE_RANK must be below NNODES $NNODES" >&2; exit 2; }
 # A loopback HEAD_ADDR works only when every node is this machine: the others would reach themselves.
 # ALLOW_LOOPBACK=1 is for that case (tests that run several nodes on one machine).
-if [ "$NNODES" -gt 1 ] && [ "${ALLOW_LOOPBACK:-0}" != 1 ] && head_is_loopback "$HEAD_ADDR" "$NODE_RANK"; then
+if [ "$MAX_NODES" -gt 1 ] && [ "${ALLOW_LOOPBACK:-0}" != 1 ] && head_is_loopback "$HEAD_ADDR" "$NODE_RANK"; then
     echo "multinode.sh: HEAD_ADDR $HEAD_ADDR is a loopback address, which the other machines cannot reach; give the" \
          "head node's address as they reach it (its name, or an address from 'hostname -I' on it);" \
          "ALLOW_LOOPBACK=1 if every node runs on this machine" >&2
@@ -88,10 +97,26 @@ case "$RDZV_BACKEND" in
         exit 2 ;;
 esac
 
+# Elastic (NNODES=MIN:MAX): torchrun restarts the workers when a node is lost (a restart counted
+# against MAX_RESTARTS, default 3) or joins (not counted); ddp_train resumes from the newest checkpoint.
+if [[ "$NNODES" == *:* ]]; then
+    [ "$RDZV_BACKEND" != static ] || { echo "multinode.sh: NNODES $NNODES (elastic) needs RDZV_BACKEND=c10d or" \
+        "etcd-v2: the static rendezvous waits for a fixed number of nodes" >&2; exit 2; }
+    MAX_RESTARTS="${MAX_RESTARTS:-3}"
+    # torch shares the rendezvous store with the workers by default, and then a node that joins a
+    # running job waits for a store address that is never published (its agent fails after 60 s).
+    # Unshared, rank 0 hosts a fresh store for each group.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+fi
+# Worker group restarts after a failure (torchrun --max-restarts; 0, its default, for a fixed NNODES).
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] ||
+    { echo "multinode.sh: MAX_RESTARTS must be a whole number >= 0, got '$MAX_RESTARTS'" >&2; exit 2; }
+
 echo "[multinode.sh] node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es), rendezvous $RDZV_BACKEND on $HEAD_ADDR:$PORT"
 # shellcheck disable=SC2206  # a user-supplied word list
 EXTRA=($TORCHRUN_ARGS)
 # ddp_train.launch_agent is torchrun (same arguments) ending a failed rendezvous with one line, and a
 # failed job with its first failed worker's exit code.
 exec "$PYTHON" -m ddp_train.launch_agent --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" "${RDZV[@]}" \
-    "${EXTRA[@]}" -m ddp_train "$@"
+    --max-restarts="$MAX_RESTARTS" "${EXTRA[@]}" -m ddp_train "$@"
