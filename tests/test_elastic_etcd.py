@@ -13,13 +13,10 @@ their own, so killing the agent alone would leave its worker training on as an o
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .agents import AgentGroup, children
 from .helpers import ROOT, TINY, clean_env, free_port
 
 ETCD = shutil.which("etcd")
@@ -88,18 +86,6 @@ def _wait_for_v2_api(server: subprocess.Popen, url: str, log: Path, timeout: flo
     pytest.fail(f"etcd's v2 API did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # ended meanwhile
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesised name
-                found.append(int(entry.name))
-    return found
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -110,7 +96,7 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
-class Nodes:
+class Nodes(AgentGroup):
     """torchrun agents on this machine, each standing for a node: started, killed with their workers, logged."""
 
     def __init__(self, backend: str, endpoint: str, rdzv_id: str, folder: Path) -> None:
@@ -120,7 +106,7 @@ class Nodes:
                     "--max-restarts=3", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}",
                     f"--rdzv-id={rdzv_id}", f"--rdzv-conf={RDZV_CONF}", "-m", "ddp_train", *CONFIG,
                     f"out_dir={self.out}"]
-        self.agents: list[subprocess.Popen] = []
+        super().__init__()
 
     def start(self) -> subprocess.Popen:
         log = open(self.log(len(self.agents)), "w")  # a file, not a pipe: nothing blocks on a full pipe
@@ -137,22 +123,6 @@ class Nodes:
     def logs(self) -> str:
         return "\n".join(f"--- agent {i}:\n{self.log(i).read_text()[-3000:]}" for i in range(len(self.agents)))
 
-    def kill(self, agent: subprocess.Popen) -> None:
-        """The node's end: its workers (each leads its own session) and the agent, with SIGKILL."""
-        for worker in children(agent.pid):
-            with contextlib.suppress(ProcessLookupError):  # ended by itself meanwhile
-                os.killpg(worker, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):  # ended by itself meanwhile
-            os.killpg(agent.pid, signal.SIGKILL)
-        agent.wait()
-
-    def __enter__(self) -> Nodes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for agent in self.agents:
-            if agent.poll() is None:
-                self.kill(agent)
 
 
 def wait_for_step_checkpoint(nodes: Nodes, timeout: float = 180) -> None:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch
 from ddp_train.checkpoint import looks_whole
 from ddp_train.errors import EXIT_HANG
 
+from .agents import worker_pid
 from .helpers import ROOT, TINY, assert_ok, clean_env, run_cli
 
 SLOW_ENTRY = str(ROOT / "tests" / "slow_entry.py")
@@ -33,19 +33,6 @@ def _torchrun(args: list[str], entry: list[str], **env: str) -> subprocess.Popen
                             text=True, start_new_session=True)
 
 
-def _rank_pid(parent: int, rank: int) -> int:
-    """The pid of the worker with RANK=rank among ``parent``'s children (torchrun's workers)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
 
 
 def _hang_lines(stderr: str) -> list[str]:
@@ -64,7 +51,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
         while not list(ckpts.glob("step-*.pt")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert list(ckpts.glob("step-*.pt")), "no checkpoint was written"
-        frozen = _rank_pid(proc.pid, 1)
+        frozen = worker_pid(proc.pid, 1)
         os.kill(frozen, signal.SIGSTOP)
         start = time.monotonic()
         out, err = proc.communicate(timeout=timeout + 30 + 30)  # fails (TimeoutExpired) when the job hangs
