@@ -75,6 +75,7 @@ class Watchdog:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.run_dir, self.store_addr, self.prefix = run_dir, store_addr, f"ddp_train/watchdog/{namespace}/"
         self.beat_s = beat_interval(timeout_s)
+        self.store_timeout_s = max(2 * self.beat_s, 5.0)
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddp_train-watchdog", daemon=True)
@@ -88,7 +89,9 @@ class Watchdog:
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.beat_s + 1)
+        # Wait out a store operation in progress (it gives up after store_timeout_s): a thread still
+        # inside the store's C++ code when the interpreter shuts down aborts the process (SIGABRT).
+        self._thread.join(timeout=self.store_timeout_s + self.beat_s + 5)
 
     # ----------------------------------------------------------------- the thread
 
@@ -109,7 +112,7 @@ class Watchdog:
             # Its own client: the main thread's store connection may be in use, and a store op
             # must give up (not block) when the host of the store is the rank that froze.
             self._store = dist.TCPStore(self.store_addr[0], self.store_addr[1], is_master=False,
-                                        timeout=datetime.timedelta(seconds=max(2 * self.beat_s, 5.0)),
+                                        timeout=datetime.timedelta(seconds=self.store_timeout_s),
                                         wait_for_workers=False)
         return self._store
 
@@ -117,6 +120,8 @@ class Watchdog:
         return Beat(self._seq, CLOCK.global_step, CLOCK.phase, CLOCK.waiting, self.host, os.getpid())
 
     def _publish(self) -> None:
+        if self._stop.is_set():  # the run is over: no new store operation to wait for
+            return
         self._seq += 1
         beat = self._beat()
         self._store_op(lambda s: s.set(f"{self.prefix}beat/{self.rank}", beat.encode()))
