@@ -62,8 +62,6 @@ def claim_run_dir(run_dir: Path, name: str, resume: str | None, job_id: str | No
         if held and resume is None and not continuing:
             raise UserError(f"run folder {run_dir} already holds a run (checkpoints/); continue it with "
                             f"resume=auto, or choose another run_name")
-        if job_id is not None:
-            atomic_write_text(job_file, job_id + "\n")
     except (OSError, UserError) as e:
         if lock is not None:
             lock.release()
@@ -80,12 +78,15 @@ def claim_run_dir(run_dir: Path, name: str, resume: str | None, job_id: str | No
 
 
 def write_run_config(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
-    """Rank 0 writes ``config.yaml`` (once the resume, if any, is known to fit); all ranks agree on the outcome."""
-    ctx.run_agreed(_write_config, cfg, run_dir, on_this_rank=ctx.is_main)
+    """Rank 0 writes ``config.yaml`` and ``job`` (once the resume, if any, is known to fit); all ranks agree
+    on the outcome. ``job`` names the job that owns the run from now on (see :func:`claim_run_dir`)."""
+    ctx.run_agreed(_write_config, cfg, run_dir, ctx.job_id, on_this_rank=ctx.is_main)
 
 
-def _write_config(cfg: Config, run_dir: Path) -> None:
+def _write_config(cfg: Config, run_dir: Path, job_id: str | None) -> None:
     try:
+        if job_id is not None:
+            atomic_write_text(run_dir / "job", job_id + "\n")
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     except OSError as e:
         raise UserError(f"out_dir: cannot write {run_dir / 'config.yaml'}: {e.strerror or e}; "

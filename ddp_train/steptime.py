@@ -109,7 +109,8 @@ class RankClock:
             self._wait_start, self.waiting = None, False
 
     def bucket_ready(self) -> None:
-        """A DDP gradient bucket is computed here (its all-reduce starts, asynchronously)."""
+        """A gradient is computed here (DDP's all-reduce of its bucket starts, asynchronously, once the bucket
+        is complete): the last one of a backward marks the end of this rank's own backward."""
         self._bucket_ready = _wait_mark()
 
     def backward_done(self) -> None:
@@ -183,10 +184,10 @@ def instrument_ddp(ddp: nn.Module) -> None:
     """Make DDP's waits visible to :data:`CLOCK`: its buffer broadcast at the start of forward, and the
     gradient all-reduce still running when backward returns.
 
-    The comm hook is DDP's default allreduce (divide by the world size, then sum), so gradients are
-    the same; it only notes when each bucket is ready.
+    Plain Python hooks on the module and on each parameter's gradient accumulation: DDP keeps its own
+    (C++) all-reduce. (A Python comm hook would do too, but a DDP holding one, collected as garbage
+    while the interpreter shuts down, can abort the process: seen as SIGABRT.)
     """
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     def forward_starts(module: nn.Module, args: Any) -> None:
         CLOCK.wait_begins()
@@ -194,10 +195,11 @@ def instrument_ddp(ddp: nn.Module) -> None:
     def module_forward_starts(module: nn.Module, args: Any) -> None:
         CLOCK.wait_ends()
 
-    def timed_allreduce(group, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations here
+    def grad_ready(param: Any) -> None:  # the last one of a backward marks the end of this rank's compute
         CLOCK.bucket_ready()
-        return allreduce_hook(group, bucket)
 
     ddp.register_forward_pre_hook(forward_starts)
     ddp.module.register_forward_pre_hook(module_forward_starts)
-    ddp.register_comm_hook(None, timed_allreduce)
+    for param in ddp.module.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(grad_ready)

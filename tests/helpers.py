@@ -82,6 +82,9 @@ def _entry(rank: int, world: int, init: str, fn: Callable, args: tuple, out: str
         result = fn(rank, world, *args)
         torch.save(result, f"{out}.{rank}")
     finally:
+        import gc
+
+        gc.collect()  # DDP objects (and their comm hooks) go now, not during interpreter shutdown (SIGABRT)
         dist.destroy_process_group()
 
 

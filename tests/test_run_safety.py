@@ -276,12 +276,14 @@ def test_a_full_checkpoint_folder_stops_at_that_save_and_keeps_the_previous(smal
 def test_a_reformed_torchrun_group_continues_its_own_run_only(tmp_path):
     # torchrun re-forms the group when a node joins, without counting a restart: the workers start
     # with TORCHELASTIC_RESTART_COUNT=0 and no resume setting, and must continue their own run.
+    from ddp_train.config import Config
     from ddp_train.errors import UserError
-    from ddp_train.rundir import claim_run_dir
+    from ddp_train.rundir import _write_config, claim_run_dir
 
     run = tmp_path / "r"
     lock, continuing = claim_run_dir(run, "r", None, "torchrun:job1")
-    assert not continuing and (run / "job").read_text() == "torchrun:job1\n"
+    assert not continuing and not (run / "job").exists()  # written with config.yaml, once the run is accepted
+    _write_config(Config(), run, "torchrun:job1")
     (run / "checkpoints" / "step-00000004.pt").write_bytes(b"x")
     lock.release()
     lock, continuing = claim_run_dir(run, "r", None, "torchrun:job1")  # the same job, re-formed
@@ -290,6 +292,7 @@ def test_a_reformed_torchrun_group_continues_its_own_run_only(tmp_path):
     for other in ("torchrun:job2", None):  # another job, or one without an id: refused as before
         with pytest.raises(UserError, match="already holds a run"):
             claim_run_dir(run, "r", None, other)
+    assert (run / "job").read_text() == "torchrun:job1\n"  # a refused job leaves the owner as it was
     lock, continuing = claim_run_dir(run, "r", "auto", "torchrun:job2")  # an explicit resume=auto takes it on
-    assert not continuing and (run / "job").read_text() == "torchrun:job2\n"
+    assert not continuing
     lock.release()
