@@ -8,7 +8,6 @@ one line on stderr (from rank 0), never a hang.
 from __future__ import annotations
 
 import argparse
-import gc
 import re
 import sys
 import time
@@ -131,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(peer_lost_line(ctx, e, env), file=sys.stderr, flush=True)
             return 1
         finally:
-            # The model (DDP, its hooks) is collected while the interpreter is whole: a DDP collected
-            # as garbage during interpreter shutdown can abort the process (SIGABRT) after all went well.
-            gc.collect()
             shutdown(ctx)
     return 0
 
