@@ -61,7 +61,7 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
         apply_init_from(model, init_from, ctx,
                         f"{cfg.model.name} with {dataset.channels} channels and {len(dataset.classes)} classes")
     if cfg.model.sync_bn and ctx.distributed:
-        model = convert_sync_batchnorm(model, ctx.device)
+        model = convert_sync_batchnorm(model, ctx.device, ctx.local_group)
     # fp64: parameters and buffers (SyncBN's too) in float64, before DDP sees them.
     model = model.to(ctx.device, param_dtype(cfg.train.precision))
     if cfg.model.channels_last:

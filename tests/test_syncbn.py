@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_train.localcomm import open_local_group
 from ddp_train.models import build_model
 from ddp_train.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm
 
@@ -70,13 +71,16 @@ def _rank(rank, world):
     x = x[shard].contiguous(memory_format=torch.channels_last)
     model = convert_sync_batchnorm(_model(channels_last=True), torch.device("cpu"))
     assert any(isinstance(m, CPUSyncBatchNorm) for m in model.modules())
+    shm = open_local_group(rank, world, 60.0)  # the same model, its collectives through shared memory
+    assert shm is not None
+    fast = convert_sync_batchnorm(_model(channels_last=True), torch.device("cpu"), shm)
     plain = _model(channels_last=True)
     layers = {}
     for dtype in (torch.float32, torch.bfloat16):  # SyncBN's fp32 statistics path (the model runs it in fp64)
         xl, _ = _data(dtype)
         layers[dtype] = _layer(xl[shard], CPUSyncBatchNorm(3))
     return {"sync": _train(model, x, y[shard], DDP(model)), "plain": _train(plain, x, y[shard], DDP(plain)),
-            "layers": layers}
+            "shm": _train(fast, x, y[shard], DDP(fast)), "shm_collectives": shm.collectives, "layers": layers}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,13 @@ def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(ranks):
     for r in ranks:
         assert rel_diff(r["sync"][1], ref_grads) < FP64_TOL
         assert rel_diff(r["sync"][2], ref_state) < FP64_TOL  # weights and running statistics after 3 steps
+    # Through shared memory: the same bits as through gloo (a gather, then a sum in rank order).
+    for r in ranks:
+        assert r["shm_collectives"] == 2 * 12 * STEPS  # ResNet-10: 12 BN layers, forward and backward
+        for i in range(3):
+            got, via_gloo = r["shm"][i], r["sync"][i]
+            got, via_gloo = (got, via_gloo) if isinstance(got, dict) else ({"t": got}, {"t": via_gloo})
+            assert got.keys() == via_gloo.keys() and all(torch.equal(got[k], via_gloo[k]) for k in got)
     # Without SyncBN each rank normalises by its own half batch: measurably different (0.3 in the output).
     out_plain = torch.cat([r["plain"][0] for r in ranks])
     assert rel_diff({"out": out_plain}, {"out": ref_out}) > 1e-2
