@@ -67,7 +67,8 @@ def _rank_view(rank, world, cfg_overrides):
 
 
 def test_split_identical_across_ranks_and_samplers_disjoint():
-    overrides = ["data.synthetic_size=101", "train.batch_size=10", "data.num_workers=0"]
+    # The DataLoader path (the default on CPU is the device-resident one, whose tests are test_resident.py).
+    overrides = ["data.synthetic_size=101", "train.batch_size=10", "data.num_workers=0", "data.device_resident=false"]
     views = spawn(_rank_view, 2, overrides)
     a, b = views
     assert a["train_idx"] == b["train_idx"] and a["valid_idx"] == b["valid_idx"]
@@ -89,7 +90,8 @@ def test_split_identical_across_ranks_and_samplers_disjoint():
 
 
 def test_augmentation_seeded_per_sample_not_per_worker():
-    cfg = load_config(None, ["data.synthetic_size=64", "train.batch_size=8", "data.augment=true"])
+    cfg = load_config(None, ["data.synthetic_size=64", "train.batch_size=8", "data.augment=true",
+                             "data.device_resident=false"])
     ds = load_dataset(cfg.data)
     batches = {}
     for workers in (0, 2):
@@ -99,23 +101,29 @@ def test_augmentation_seeded_per_sample_not_per_worker():
         batches[workers] = [x for x, _ in loader]
     assert all(torch.equal(p, q) for p, q in zip(batches[0], batches[2]))
     train = build_data(ds, cfg, _ctx()).train.dataset
-    a, b = train[(0, 5)][0], train[(1, 5)][0]
-    assert not torch.equal(a, b)  # another epoch, another augmentation
-    assert torch.equal(train[(0, 5)][0], a)  # same (epoch, sample): same augmentation
-    assert not torch.equal(train[(0, 5)][0], train[(0, 6)][0])
+    a, b = train[(0, 5)][0], train[(1, 5)][0]  # Samples: the augmented pixels and the cutout square
+    assert not _same(a, b)  # another epoch, another augmentation
+    assert _same(train[(0, 5)][0], a)  # same (epoch, sample): same augmentation
+    assert not _same(train[(0, 5)][0], train[(0, 6)][0])
     state = torch.get_rng_state()
     train[(0, 7)]
     assert torch.equal(state, torch.get_rng_state())  # the process RNG is untouched
 
 
+def _same(a, b) -> bool:
+    return torch.equal(a.pixels, b.pixels) and torch.equal(a.holes, b.holes)
+
+
 def test_validation_uses_the_evaluation_transform():
-    cfg = load_config(None, ["data.synthetic_size=50", "train.batch_size=8", "data.augment=true"])
+    cfg = load_config(None, ["data.synthetic_size=50", "train.batch_size=8", "data.augment=true",
+                             "data.device_resident=false"])
     ds = load_dataset(cfg.data)
     bundle = build_data(ds, cfg, _ctx())
     valid = bundle.valid.dataset
     raw = torch.from_numpy(ds.train.images[valid.indices[0]]).permute(2, 0, 1).float() / 255
     expected = (raw - torch.tensor(ds.mean).view(3, 1, 1)) / torch.tensor(ds.std).view(3, 1, 1)
-    assert torch.allclose(valid[0][0], expected, atol=1e-6)
+    first, _ = next(iter(bundle.valid))  # no augmentation: the image as it is, normalised
+    assert torch.allclose(first[0], expected, atol=1e-6)
 
 
 def test_fashion_mnist_from_idx_files(fashion_root):

@@ -124,7 +124,8 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     ds = ctx.run_agreed(_pick_split, dataset, cfg, split)
     per_rank = max(1, math.ceil(cfg.train.batch_size / ctx.world_size))
     workers = cfg.data.num_workers if ds.source.paths is not None else 0  # in-memory: no worker processes
-    loader = eval_loader(ds, per_rank, ctx.rank, ctx.world_size, workers, ctx.device.type == "cuda")
+    loader = eval_loader(ds, per_rank, ctx.rank, ctx.world_size, workers, ctx.device.type == "cuda",
+                         (dataset.mean, dataset.std, ctx.device))
     precision = cfg.train.precision
     if precision == "fp16" and ctx.device.type == "cpu":  # a GPU fp16 run evaluated on CPU: fp16 is emulated here
         precision = "fp32"

@@ -15,7 +15,7 @@ from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
 from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_indices, train_loader
 from .resident import DeviceImages, ResidentEvalLoader, ResidentTrainLoader, nbytes
-from .transforms import cutout_side, eval_transform, train_transform
+from .transforms import cutout_side, sample_transform
 
 __all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset", "load_dataset_agreed"]
 
@@ -31,10 +31,11 @@ class DataBundle:
     """What the training loop needs from the data."""
 
     dataset: Dataset
-    train: Batches  # a DataLoader or a ResidentTrainLoader; both carry an EpochDistributedSampler
+    train: Batches  # a (Normalised) DataLoader or a ResidentTrainLoader; both carry an EpochDistributedSampler
     valid: Batches
     test: Batches | None
     device_resident: bool = False
+    input_path: str = ""  # why this input path, in words (data.device_resident's resolution)
 
     @property
     def sampler(self) -> EpochDistributedSampler:
@@ -65,11 +66,11 @@ def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
 
 
 def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitDataset, SplitDataset | None]:
-    """Train / valid / test views with their transforms (valid and test get the evaluation transform)."""
+    """Train / valid / test views with their per-sample transforms (training's augmentation; none for valid and
+    test): their images stay integers, normalised per batch by the loaders."""
     d = dataset
-    evaluation = eval_transform(d.mean, d.std)
-    training = train_transform(d.image_size, d.mean, d.std, cfg.data.augment, cfg.data.crop, cfg.data.crop_padding,
-                               cfg.data.cutout)
+    evaluation = None
+    training = sample_transform(d.image_size, cfg.data.augment, cfg.data.crop, cfg.data.crop_padding, cfg.data.cutout)
     if d.valid is not None:
         train = SplitDataset(d.train, np.arange(len(d.train)), training, cfg.train.seed)
         valid = SplitDataset(d.valid, np.arange(len(d.valid)), evaluation)
@@ -81,23 +82,32 @@ def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitData
     return train, valid, test
 
 
-def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> bool:
-    """data.device_resident resolved: auto means CUDA, in memory, and under a quarter of the free memory."""
+def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """data.device_resident resolved, and the reason in words (for the run's first line).
+
+    auto: on whenever the dataset is in memory (synthetic, Fashion-MNIST, CIFAR-10) and fits: on CPU
+    it always fits, since the images already are in this process's memory and the resident loader
+    uses them without a copy; on CUDA when they take under a quarter of the free GPU memory. Off for
+    image files (image_folder), which the DataLoader's workers decode.
+    """
     sources = [s for s in (dataset.train, dataset.valid, dataset.test) if s is not None]
     in_memory = all(s.images is not None for s in sources)
-    if cfg.data.device_resident is not True and cfg.data.device_resident != "auto":
-        return False
+    size = sum(nbytes(s.images) for s in sources if s.images is not None)
+    setting = cfg.data.device_resident
+    if setting is False:
+        return False, "data.device_resident=false"
     if not in_memory:
-        if cfg.data.device_resident is True:
+        if setting is True:
             raise DataError(f"data.device_resident=true needs an in-memory dataset, and {dataset.name} reads "
                             f"image files; set data.device_resident=auto or false")
-        return False
-    if cfg.data.device_resident is True:
-        return True
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(nbytes(s.images) for s in sources) < free // 4
+        return False, "auto: image files"
+    if setting is True:
+        return True, "data.device_resident=true"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if size >= free // 4:
+            return False, f"auto: {size / 2**20:.0f} MB of images, over a quarter of the free GPU memory"
+    return True, f"auto: {size / 2**20:.0f} MB of images in memory"
 
 
 def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
@@ -107,22 +117,25 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     if len(train) // ctx.world_size < per_rank:  # both input paths drop the last partial batch
         raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
                           f"batch; lower train.batch_size or raise data.subset")
-    if use_device_resident(dataset, cfg, ctx.device):
-        return _resident(dataset, cfg, ctx, train, valid, test, per_rank)
+    resident, why = use_device_resident(dataset, cfg, ctx.device)
+    if resident:
+        return _resident(dataset, cfg, ctx, train, valid, test, per_rank, why)
     pin = ctx.device.type == "cuda"
     workers = cfg.data.num_workers
     # In-memory evaluation needs only a float conversion; worker processes would cost more than they save.
     eval_workers = workers if dataset.train.paths is not None else 0
+    stats = (dataset.mean, dataset.std, ctx.device)
     return DataBundle(
         dataset,
-        train_loader(train, per_rank, ctx.rank, ctx.world_size, cfg.train.seed, workers, pin),
-        eval_loader(valid, per_rank, ctx.rank, ctx.world_size, eval_workers, pin),
-        eval_loader(test, per_rank, ctx.rank, ctx.world_size, eval_workers, pin) if test is not None else None,
+        train_loader(train, per_rank, ctx.rank, ctx.world_size, cfg.train.seed, workers, pin, stats),
+        eval_loader(valid, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats),
+        eval_loader(test, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats) if test is not None else None,
+        input_path=why,
     )
 
 
 def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDataset, valid: SplitDataset,
-              test: SplitDataset | None, per_rank: int) -> DataBundle:
+              test: SplitDataset | None, per_rank: int, why: str) -> DataBundle:
     stores: dict[int, DeviceImages] = {}  # one device copy per source (train and valid share one)
 
     def store(split: SplitDataset) -> DeviceImages:
@@ -141,4 +154,5 @@ def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDatas
         ResidentEvalLoader(valid, store(valid), per_rank, ctx.rank, ctx.world_size),
         ResidentEvalLoader(test, store(test), per_rank, ctx.rank, ctx.world_size) if test is not None else None,
         device_resident=True,
+        input_path=why,
     )

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .datasets import Source
-from .transforms import Transform
+from .transforms import Transform, collate, normalise_batch
 
 
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,14 +41,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """A transformed view of ``source`` restricted to ``indices``.
+    """A transformed view of ``source`` restricted to ``indices`` (integer images: see :class:`Normalised`).
 
     Keys are plain positions (evaluation) or ``(epoch, position)`` pairs from
     :class:`EpochDistributedSampler`, in which case the transform runs under a torch RNG seeded
     for that sample and epoch, leaving the process's own RNG untouched.
     """
 
-    def __init__(self, source: Source, indices: np.ndarray, transform: Transform, seed: int = 0) -> None:
+    def __init__(self, source: Source, indices: np.ndarray, transform: Transform | None, seed: int = 0) -> None:
         self.source, self.indices, self.transform, self.seed = source, indices, transform, seed
 
     def __len__(self) -> int:
@@ -58,12 +58,16 @@ class SplitDataset(torch.utils.data.Dataset):
         if isinstance(key, tuple):
             epoch, pos = key
             index = int(self.indices[pos])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
-                image = self.transform(self.source.load(index))
+            image = self.source.load(index)
+            if self.transform is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, index))
+                    image = self.transform(image)
         else:
             index = int(self.indices[key])
-            image = self.transform(self.source.load(index))
+            image = self.source.load(index)
+            if self.transform is not None:
+                image = self.transform(image)
         return image, int(self.source.labels[index])
 
     @property
@@ -159,22 +163,57 @@ def _kill_workers_at_exit() -> None:
 atexit.register(_kill_workers_at_exit)
 
 
+class Normalised:
+    """A DataLoader of integer images whose batches the rank turns to normalised float32 on ``device``.
+
+    Per sample, the workers only decode and augment; the float conversion and normalisation run once
+    per batch here (:func:`~.transforms.normalise_batch`), after a copy of the uint8 batch, a quarter
+    of the float one's bytes. ``sampler``, ``dataset`` and ``len`` are the DataLoader's.
+    """
+
+    def __init__(self, loader: DataLoader, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device) -> None:
+        self.loader = loader
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.loader.sampler
+
+    @property
+    def dataset(self) -> SplitDataset:
+        return self.loader.dataset  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield normalise_batch(images, self.mean, self.std), labels
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...], torch.device]  # mean, std and the device batches go to
+
+
 def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, pin_memory: bool) -> DataLoader:
+                 num_workers: int, pin_memory: bool, stats: Stats) -> Normalised:
     """Shuffled, sharded, full batches only; call ``loader.sampler.set_epoch(e)`` every epoch."""
     sampler = EpochDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(
+    return Normalised(DataLoader(
         ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
+        collate_fn=collate,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         worker_init_fn=functools.partial(_seed_worker, seed, rank),
         generator=torch.Generator().manual_seed((seed * 1000 + rank) % 2**64),  # any train.seed up to 2**63-1
-    )
+    ), *stats)
 
 
 def eval_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, num_workers: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, stats: Stats) -> Normalised:
     """This rank's exact shard of an evaluation split, in order."""
-    return DataLoader(
+    return Normalised(DataLoader(
         ds, batch_size=per_rank_batch, sampler=ShardSampler(len(ds), rank, world_size), num_workers=num_workers,
+        collate_fn=collate,
         pin_memory=pin_memory, worker_init_fn=functools.partial(_seed_worker, 0, rank),
-    )
+    ), *stats)
