@@ -1,0 +1,123 @@
+"""The same training as bench/peers/plain_ddp.py, written for PyTorch Lightning 2.x: the second peer.
+
+    torchrun --standalone --nproc_per_node=2 bench/peers/lightning_fit.py [--epochs 2] [--subset N] [--root DIR]
+
+Lightning sees torchrun's environment (torchelastic) and joins its 2 processes: Trainer(accelerator="cpu",
+devices=2, strategy="ddp", precision="bf16-mixed"), Lightning's defaults otherwise (its logger,
+end-of-epoch checkpoint and progress bar, under --root). Fashion-MNIST from its IDX files, the same
+48,000 training samples as ddp_train (its 80% split drawn with seed 42), ddp_train's narrow ResNet-10
+(width 16) with plain BatchNorm (Lightning's sync_batchnorm refuses CPU tensors), DataLoaders with 2
+workers over uint8 tensors (each rank normalises whole batches), channels_last, SGD (momentum 0.9,
+Nesterov, weight decay 5e-4) with a per-step one-cycle lr up to 0.2, global batch 256. Then
+``trainer.test`` on the test set; rank 0 prints ``test | acc A | count N``.
+
+Lightning is not a dependency of ddp_train: ``pip install -e '.[bench]'`` installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import lightning as L
+    from torchmetrics.classification import MulticlassAccuracy
+except ImportError:
+    print("lightning_fit.py: error: lightning is not installed; install it with pip install -e '.[bench]' "
+          "(or leave this peer out: bench/compare_peers.py --only ddp_sync,ddp_nosync,plain)", file=sys.stderr)
+    sys.exit(2)
+
+from ddp_train.models import build_model
+
+ROOT = "/usr/share/datasets/fashion-mnist"
+MEAN, STD = 0.2860, 0.3530  # the published Fashion-MNIST training-set statistics (ddp_train uses the same)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format): a big-endian header of dimensions, then the data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion(split: str, subset: int | None) -> TensorDataset:
+    """uint8 images (N x 1 x 28 x 28) and labels; train is ddp_train's 80% (randperm with seed 42, last 80%)."""
+    prefix = "train" if split == "train" else "t10k"
+    images = torch.from_numpy(read_idx(f"{ROOT}/{prefix}-images-idx3-ubyte.gz")[:subset].copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(f"{ROOT}/{prefix}-labels-idx1-ubyte.gz")[:subset].astype(np.int64))
+    if split == "train":
+        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
+        keep = perm[round(0.2 * len(labels)):].sort().values
+        images, labels = images[keep], labels[keep]
+    return TensorDataset(images, labels)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch to the normalised float channels_last batch the model takes."""
+    return ((x.float() / 255 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
+
+
+class FashionResNet(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = build_model("resnet10", 10, in_channels=1, width=16).to(memory_format=torch.channels_last)
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")  # synchronised across ranks when logged
+
+    def on_train_start(self) -> None:
+        if self.global_rank == 0:  # the driver times the start-up to this line
+            print(f"train | {self.trainer.world_size} ranks | {self.trainer.num_training_batches} steps per epoch",
+                  flush=True)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(normalise(x)), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.model(normalise(x)).argmax(1), y)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self):  # noqa: ANN201 (Lightning's dict)
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=0.2, total_steps=int(self.trainer.estimated_stepping_batches), cycle_momentum=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--subset", type=int, default=None, help="only the first N train and test samples")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--root", default=None, help="Lightning's default_root_dir (logs, checkpoints)")
+    args = parser.parse_args()
+    L.seed_everything(42)
+    devices = 2
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=1, strategy="ddp", max_epochs=args.epochs,
+                        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+                        default_root_dir=args.root)
+    per_rank = args.batch_size // devices
+    # Lightning puts a DistributedSampler (shuffled, seeded) under these loaders; drop_last as ddp_train does.
+    train = DataLoader(fashion("train", args.subset), batch_size=per_rank, shuffle=True, num_workers=2,
+                       drop_last=True)
+    test = fashion("test", args.subset)
+    module = FashionResNet()
+    trainer.fit(module, train)
+    result = trainer.test(module, DataLoader(test, batch_size=per_rank, num_workers=2))
+    if trainer.global_rank == 0:
+        print(f"test | acc {result[0]['test_acc']:.4f} | count {len(test)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
