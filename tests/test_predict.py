@@ -12,6 +12,7 @@ from PIL import Image
 from ddp_train.checkpoint import load_checkpoint
 from ddp_train.config import config_from_dict
 from ddp_train.data import build_splits, load_dataset
+from ddp_train.data.loaders import eval_loader
 from ddp_train.models import build_model
 
 from .helpers import assert_ok, run_cli
@@ -33,8 +34,9 @@ def reference(run):
     model = build_model(cfg.model.name, len(dataset.classes), dataset.channels)
     model.load_state_dict(ckpt["model"])
     model.eval()
+    images, _ = next(iter(eval_loader(test, 4, 0, 1, 0, False, (dataset.mean, dataset.std, torch.device("cpu")))))
     with torch.no_grad():
-        probs = torch.softmax(model(torch.stack([test[i][0] for i in range(4)])), 1)
+        probs = torch.softmax(model(images), 1)
     raw = [test.source.load(int(test.indices[i])).permute(1, 2, 0).numpy() for i in range(4)]  # uint8 HxWxC
     return dataset.classes, probs, raw
 

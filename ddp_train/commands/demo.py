@@ -2,8 +2,10 @@
 
 An image input (upload, paste or drag; any mode and size) and the top-k classes with their
 probabilities, computed by ``predict``'s own code path (:class:`ddp_train.predict.Classifier`:
-the uploaded file as it arrived -> the model's channels and size -> the checkpoint's evaluation
-transform and normalisation -> softmax), so the page and ``predict`` give the same numbers. The
+the uploaded file as it arrived -> the training data's reader, :mod:`ddp_train.data.images`, at
+the model's channels and size -> the checkpoint's evaluation transform and normalisation ->
+softmax), so the page, ``predict`` and training read a file the same way, and an unsupported
+mode or a decompression bomb is a one-line error on the page. The
 page shows the run's name, dataset, class names and test accuracy (``metrics.json`` in the run
 folder, when present) and one example per class from the run's own test split when its data is
 on this machine.
@@ -96,7 +98,6 @@ def write_examples(trained: Any, folder: Path, limit: int = MAX_EXAMPLES) -> lis
     the data is not here or has no test split.
     """
     import numpy as np
-    from PIL import Image
 
     from ..config import config_from_dict
     from ..data import build_splits, load_dataset
@@ -114,11 +115,25 @@ def write_examples(trained: Any, folder: Path, limit: int = MAX_EXAMPLES) -> lis
         where = np.flatnonzero(labels == c)
         if not len(where):
             continue
-        pixels = test.source.load(int(test.indices[where[0]])).permute(1, 2, 0).numpy()  # uint8 HxWxC
+        pixels = test.source.load(int(test.indices[where[0]])).permute(1, 2, 0).numpy()  # HxWxC
         path = folder / f"{len(out):02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
-        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
+        example_image(pixels).save(path)
         out.append((str(path), name))
     return out
+
+
+def example_image(pixels: Any) -> Any:
+    """A PIL image that the shared reader reads back as ``pixels`` (H x W x C, a test-split sample).
+
+    uint8 pixels are saved as they are; float ones (an image deeper than 8 bits, grey, in 0..1) as
+    16-bit grey (I;16), which reads back as value / 65535: the sample to within 1/131070.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    return Image.fromarray(np.round(pixels[:, :, 0].astype(np.float64) * 65535).astype(np.uint16))
 
 
 def info_html(info: dict[str, Any]) -> str:

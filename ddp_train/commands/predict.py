@@ -1,10 +1,12 @@
 """``python -m ddp_train predict --checkpoint PATH FILE...``: the top-k classes of image files.
 
 Each file (PNG, JPEG or any format Pillow reads, or a ``.npy`` uint8 array, H x W or H x W x C)
-is converted to the model's channels (grayscale <-> RGB, alpha dropped) and square size
-(bilinear, as image_folder training data is), then normalised with the training statistics:
-the same evaluation transform as ``eval``. One process, fp32. A file that cannot be used gets
-one line on stderr and the exit code 2; the other files are still reported.
+is read by the training data's own reader (:func:`ddp_train.data.images.read_image`: every mode
+with its full range, 16-bit grey included; the model's channels, grayscale <-> RGB, alpha
+dropped; its square size, bilinear), then normalised with the training statistics: the same
+evaluation transform as ``eval``. One process, fp32. A file that cannot be used (not an image,
+an unsupported mode, a decompression bomb) gets one line on stderr and the exit code 2; the
+other files are still reported.
 """
 
 from __future__ import annotations
@@ -49,41 +51,35 @@ def _parser() -> SubcommandParser:
 
 
 def load_input(path: str | Path, channels: int, size: int) -> Any:
-    """The file as a uint8 C x H x W tensor at the model's channels and size; raises InputError."""
-    import torch
+    """The file as a C x H x W tensor at the model's channels and size, exactly as training reads it (uint8,
+    or float32 in 0..1 for images deeper than 8 bits); raises InputError."""
     from PIL import Image
 
+    from ..data.images import ImageError, read_image, to_model_input
+
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path}: is a directory, expected an image file")
     if not p.is_file():
         raise InputError(f"{path}: no such file")
-    if p.suffix.lower() == ".npy":
+    if p.suffix.lower() != ".npy":
         try:
-            arr = np.load(p, allow_pickle=False)
-        except Exception as e:  # bad header, truncated data, a pickled object
-            raise InputError(f"{path}: not a readable .npy array ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:100]})") from None
-        if arr.dtype != np.uint8:
-            raise InputError(f"{path}: expected a uint8 array (0-255 pixels), got {arr.dtype}")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
-            raise InputError(f"{path}: expected an HxW or HxWxC array with C 1, 3 or 4, got shape {tuple(arr.shape)}")
-        image = Image.fromarray(np.ascontiguousarray(arr))
-    else:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                image = im.copy()
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError ... on bad files
-            detail = (str(e).splitlines() or [type(e).__name__])[0][:100]
-            raise InputError(f"{path}: not a readable image ({detail})") from None
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    out = np.asarray(image, dtype=np.uint8)
-    if out.ndim == 2:
-        out = out[:, :, None]
-    return torch.from_numpy(out.copy()).permute(2, 0, 1)
+            return read_image(p, channels, size)
+        except ImageError as e:
+            raise InputError(f"{path}: {e.detail}") from None
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:  # bad header, truncated data, a pickled object
+        raise InputError(f"{path}: not a readable .npy array ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:100]})") from None
+    if arr.dtype != np.uint8:
+        raise InputError(f"{path}: expected a uint8 array (0-255 pixels), got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise InputError(f"{path}: expected an HxW or HxWxC array with C 1, 3 or 4, got shape {tuple(arr.shape)}")
+    image = Image.fromarray(np.ascontiguousarray(arr))
+    return to_model_input(image, channels, size, p)
 
 
 def _device(name: str) -> Any:

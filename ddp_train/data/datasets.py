@@ -1,8 +1,9 @@
 """Dataset sources: where the images come from, before any split or transform.
 
-Every source yields uint8 CHW tensors and integer labels, and carries its class names,
-channel count, image size and normalisation statistics, so the model and the transforms
-adapt to the data rather than to a hard-coded CIFAR shape.
+Every source yields CHW tensors (uint8; float32 in 0..1 for image files deeper than 8 bits,
+see :mod:`.images`) and integer labels, and carries its class names, channel count, image size
+and normalisation statistics, so the model and the transforms adapt to the data rather than to
+a hard-coded CIFAR shape.
 """
 
 from __future__ import annotations
@@ -16,21 +17,9 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..errors import UserError
 from . import synthetic
-
-
-class DataError(UserError):
-    """The data cannot be found or read; the message says how to fix it."""
-
-    def __init__(self, message: str = "") -> None:
-        # A DataLoader worker's DataError comes back to the rank as DataError("Caught DataError in
-        # DataLoader worker process N.\nOriginal Traceback ...\n<module>.DataError: <message>"): the
-        # worker's traceback says nothing the message does not, so only the message is kept.
-        marker = f"\n{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker") and marker in message:
-            message = message[message.rindex(marker) + len(marker):].strip()
-        super().__init__(message)
+from .errors import DataError
+from .images import GREY, image_mode, read_image
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: object, dataset: str) -> None:
@@ -57,11 +46,11 @@ class Source:
         return len(self.labels)
 
     def load(self, i: int) -> torch.Tensor:
-        """Image ``i`` as a uint8 C x H x W tensor."""
+        """Image ``i`` as a C x H x W tensor: uint8, or float32 in 0..1 for a file deeper than 8 bits."""
         if self.images is not None:
             return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
         assert self.paths is not None
-        return _read_image(self.paths[i], self.channels, self.image_size)
+        return read_image(self.paths[i], self.channels, self.image_size)
 
     def head(self, n: int | None) -> Source:
         """The first ``n`` samples (all when ``n`` is None)."""
@@ -91,25 +80,10 @@ class Dataset:
     test: Source | None
 
 
-def _read_image(path: str, channels: int, size: int | None) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size is not None:
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
 def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images, on the 0-1 scale."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    """Per-channel mean and std of NHWC images: uint8, or float64 already on the 0-1 scale."""
+    x = images.reshape(-1, images.shape[-1])
+    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x
     return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-3)) for v in x.std(0))
 
 
@@ -162,9 +136,19 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
+def _check_not_swapped(counts: dict[str, tuple[Path, int]]) -> None:
+    """Refuse a training file smaller than the test file: Fashion-MNIST's are 60,000 and 10,000 images, and
+    swapped names would otherwise train on the test set and report accuracy on the training set."""
+    (train_path, n_train), (test_path, n_test) = counts["train"], counts["test"]
+    if n_train < n_test:
+        raise DataError(f"{train_path} holds {n_train} images and {test_path} {n_test}: the train and test files "
+                        f"look swapped (Fashion-MNIST trains on 60000 and tests on 10000); give each file its "
+                        f"standard name ({', '.join(FASHION_FILES['train'] + FASHION_FILES['test'])})")
+
+
 def _fashion_mnist(cfg: DataConfig) -> Dataset:
     root = Path(cfg.root or FASHION_ROOT)
-    splits = {}
+    splits, counts = {}, {}
     for split, (img_name, lbl_name) in FASHION_FILES.items():
         img_path, lbl_path = root / img_name, root / lbl_name
         for p in (img_path, lbl_path):
@@ -177,8 +161,10 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path} and {lbl_path} do not match (images {images.shape}, labels {labels.shape})")
         check_labels(labels, len(FASHION_CLASSES), lbl_path, "fashion_mnist")
+        counts[split] = (img_path, len(images))
         n = cfg.subset
         splits[split] = Source(labels[:n].astype(np.int64), images[:n, :, :, None])
+    _check_not_swapped(counts)
     # Published statistics of the Fashion-MNIST training set.
     return Dataset("fashion_mnist", FASHION_CLASSES, 1, 28, (0.2860,), (0.3530,),
                    splits["train"], None, splits["test"])
@@ -222,7 +208,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def _scan(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], np.ndarray]:
+    """(classes, image paths, labels) of ``folder``/<class>/**; ``classes`` None: train/, which defines them,
+    where a class folder without images is refused (it would be a class the model can never learn)."""
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    defines = classes is None
     if classes is None:
         classes = found
     elif set(found) - set(classes):
@@ -232,16 +221,18 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str]
         d = folder / name
         if not d.is_dir():
             continue
+        before = len(paths)
         for p in sorted(d.rglob("*")):
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                 paths.append(str(p))
                 labels.append(label)
+        if len(paths) == before and defines:
+            raise DataError(f"image_folder: class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"add images to it or remove it")
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
 def _image_folder(cfg: DataConfig) -> Dataset:
-    from PIL import Image
-
     root = Path(cfg.root or "")
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -251,11 +242,7 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     if len(classes) < 2 or not paths:
         raise DataError(f"image_folder: {train_dir} needs at least two class folders with images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); found {len(classes)} classes, {len(paths)} images")
-    try:
-        with Image.open(paths[0]) as im:
-            channels = 1 if im.mode in ("L", "I;16", "I", "1") else 3
-    except OSError as e:
-        raise DataError(f"cannot read image {paths[0]}: {e}") from None
+    channels = 1 if image_mode(paths[0]) in GREY else 3
     size = cfg.image_size
 
     def source(folder: Path) -> Source | None:
@@ -268,8 +255,10 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     train = Source(labels, paths=paths, channels=channels, image_size=size).head(cfg.subset)
     # Statistics from up to 500 evenly spread training images.
     pick = np.linspace(0, len(train) - 1, num=min(500, len(train))).astype(int)
-    sample = np.stack([train.load(int(i)).permute(1, 2, 0).numpy() for i in pick])
-    mean, std = _stats(sample)
+    images = [train.load(int(i)).permute(1, 2, 0).numpy() for i in pick]
+    if any(im.dtype != np.uint8 for im in images):  # deeper than 8 bits: all on the 0-1 scale, in float64
+        images = [im.astype(np.float64) / 255.0 if im.dtype == np.uint8 else im.astype(np.float64) for im in images]
+    mean, std = _stats(np.stack(images))
     return Dataset("image_folder", classes, channels, size, mean, std, train,
                    source(root / "val"), source(root / "test"))
 
