@@ -11,9 +11,12 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
+import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,9 +84,10 @@ class DataConfig:
     device_resident: Literal["auto"] | bool = _f(
         "auto",
         "keep the uint8 images on the training device and batch, augment and normalise them there "
-        "(same sample order, splits and resume as the DataLoader path): auto is on for in-memory "
-        "datasets on CUDA when they take under a quarter of the free GPU memory; true also on CPU "
-        "(in-process, no loader workers); image_folder always uses the DataLoader",
+        "(same sample order, splits and resume as the DataLoader path; no loader workers): auto is on "
+        "for in-memory datasets (synthetic, fashion_mnist, cifar10), on CPU always (the images are "
+        "already in memory and used without a copy), on CUDA when they take under a quarter of the "
+        "free GPU memory; image_folder always uses the DataLoader",
     )
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 loads in the training process)")
     image_size: int = _f(
@@ -258,6 +262,23 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 
 # --------------------------------------------------------------------------- types
 
+# Values are shown in messages through a bounded repr: a value can be a long string or a big
+# nested list (the repr of a YAML alias bomb grew to 3.5 GB), and a message is one short line.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters, for messages."""
+    return _SHORT.repr(value)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters (with ``...``), for quoting user input in messages."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 def _describe(tp: Any) -> str:
     """Human form of a field type, for error messages."""
@@ -284,10 +305,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {shown(value)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {shown(value)}")
         return value
     ok = (
         (tp is bool and isinstance(value, bool))
@@ -295,15 +316,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (tp is str and isinstance(value, str))
     )
+    if not ok and value is None and tp is str:  # out_dir=~ means the home folder to a user, null to YAML
+        raise ConfigError(f"{key}: expected a string, got null (an empty value, null or a bare ~ is YAML's null; "
+                          f"for the home folder write '~' in quotes or the full path)")
     if not ok:
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {shown(value)}")
     return float(value) if tp is float else value
 
 
-def _unknown(key: str, name: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=1)
+def _unknown(key: str, name: Any, valid: list[str], where: str) -> ConfigError:
+    # A YAML key may be a number (1: x) or a long string: compared and shown as short text.
+    close = difflib.get_close_matches(_clip(str(name)), valid, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"unknown key '{key}'{hint}; valid keys in {where}: {', '.join(valid)}")
+    return ConfigError(f"unknown key '{_clip(key)}'{hint}; valid keys in {where}: {', '.join(valid)}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -322,7 +347,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         section = SECTIONS.get(name) if not prefix else None
         if section is not None:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {name} keys, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping of {name} keys, got {shown(value)}")
             kwargs[name] = _build(section, value, f"{name}.")
         else:
             kwargs[name] = _coerce(key, value, types_[name])
@@ -331,14 +356,55 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 # --------------------------------------------------------------------------- loading
 
+# Bounds on what a config may hold, so that any input is refused quickly in bounded memory.
+# The shipped configs are about 1 kB and 150 YAML values, two levels deep.
+MAX_CONFIG_BYTES = 2**20  # 1 MiB: a bigger --config file is refused before it is parsed
+MAX_OVERRIDE_CHARS = 8192  # one key=value: twice PATH_MAX, room for any path
+MAX_YAML_VALUES = 10_000  # scalars, lists and mappings in one document
+MAX_YAML_DEPTH = 10  # nesting of lists and mappings (PyYAML's composer recurses: a deep one is a RecursionError)
+ERROR_PREFIX = "ddp_train: error: "  # what the CLI puts before a message: continuation lines of a many-line error
+
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading every YAML float spelling as a number.
+    """PyYAML's safe loader, reading every YAML float spelling as a number, without anchors and aliases,
+    within :data:`MAX_YAML_VALUES` values and :data:`MAX_YAML_DEPTH` levels.
 
     PyYAML implements YAML 1.1, whose float needs a dot and a signed exponent: ``1e-3``, ``5E-4``
     and ``1e3`` would be strings, and ``train.lr=1e-3`` refused. The extra resolver is tried after
     the int one, so ``10`` stays an int; quoted values stay strings.
+
+    Anchors and aliases (``&a``, ``*a``) are refused where they appear: a config has no use for
+    them, and nine nested aliases in 300 characters make a value of 387 million items (a
+    "billion laughs"), which any later walk over it (a deep copy, a repr) expands.
+    ``where(mark)`` names the place of a YAML mark in messages (``FILE:LINE``, or the override).
     """
+
+    def __init__(self, text: str, where: Callable[[Any], str]) -> None:
+        super().__init__(text)
+        self.where = where
+        self.values = 0
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise ConfigError(f"{self.where(event.start_mark)}: YAML anchors and aliases ({sign}{_clip(anchor, 20)}) "
+                              f"are not accepted in a config (an alias can expand to gigabytes); write the value out, "
+                              f"or quote it")
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            raise ConfigError(f"{self.where(event.start_mark)}: more than {MAX_YAML_VALUES} YAML values; a config "
+                              f"holds about 150 (sections of key: value lines)")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise ConfigError(f"{self.where(event.start_mark)}: nested more than {MAX_YAML_DEPTH} levels deep; a config "
+                              f"is sections of key: value lines")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -348,19 +414,60 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+def _duplicates(node: yaml.Node, where: Callable[[Any], str], path: str = "") -> list[str]:
+    """One line per key given twice in a mapping of ``node`` (at any depth), naming both lines.
+
+    PyYAML keeps the last of two equal keys without a word: a second ``train:`` section replaced
+    the first one whole.
+    """
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            dotted = f"{path}{name}"
+            if name is not None and name in first:
+                if not path and name in SECTIONS:
+                    what, fix = f"section '{name}'", "merge the two into one"
+                else:
+                    what, fix = f"key '{_clip(dotted)}'", "keep one"
+                found.append(f"{where(key.start_mark)}: {what} given twice (first at line {first[name]}); {fix}")
+            elif name is not None:
+                first[name] = key.start_mark.line + 1
+            found += _duplicates(value, where, f"{dotted}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found += _duplicates(item, where, path)
+    return found
+
+
+def _yaml(text: str, where: Callable[[Any], str]) -> Any:
+    """The value of the YAML document ``text``; ConfigError for duplicate keys, aliases, or one too big."""
+    loader = _Loader(text, where)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        found = _duplicates(node, where)
+        if found:  # one error line each: the CLI prefixes the first
+            raise ConfigError(("\n" + ERROR_PREFIX).join(found))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], parsed value); values are read as YAML scalars."""
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override '{_clip(text, 40)}' is {len(text)} characters; an override is at most "
+                          f"{MAX_OVERRIDE_CHARS}")
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.05)")
+        raise ConfigError(f"override '{_clip(text)}' is not of the form key=value (e.g. train.lr=0.05)")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': empty key; write it as section.key=value")
+        raise ConfigError(f"override '{_clip(text)}': empty key; write it as section.key=value")
     try:
-        value = _yaml(raw) if raw != "" else None
+        value = _yaml(raw, lambda mark: f"override '{_clip(text, 40)}'") if raw != "" else None
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the raw string, the type check will judge it
     return key.split("."), value
@@ -368,34 +475,94 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _merge(base: dict[str, Any], parts: list[str], value: Any, full: str) -> None:
     if len(parts) > 2:
-        raise ConfigError(f"override '{full}': keys have at most two parts, section.key (e.g. train.lr=0.05)")
+        raise ConfigError(f"override '{_clip(full)}': keys have at most two parts, section.key (e.g. train.lr=0.05)")
     node = base
     if len(parts) == 2:
         node = base.setdefault(parts[0], {})
         if not isinstance(node, dict) or (parts[0] not in SECTIONS and parts[0] in _field_types(Config)):
-            raise ConfigError(f"override '{full}': '{parts[0]}' is not a section")
-    node[parts[-1]] = value
+            raise ConfigError(f"override '{_clip(full)}': '{parts[0]}' is not a section")
+    node[parts[-1]] = value  # a key given twice on the command line: the later one wins (README, Configuration)
+
+
+def _read_config_text(p: Path) -> str:
+    """The text of the --config file ``p``; ConfigError (one line) when it is not a readable, small, text file."""
+    fix = "pass a YAML file (see configs/)"
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; {fix}")
+    if not p.exists():
+        raise ConfigError(f"--config {p} does not exist; {fix}")
+    if not p.is_file():  # /dev/zero, a pipe: reading could take forever
+        raise ConfigError(f"--config {p} is not a regular file; {fix}")
+    try:
+        with p.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot read it: {e.strerror or e}") from None
+    if size > MAX_CONFIG_BYTES or len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {p} is {max(size, len(data))} bytes; a config file is at most 1 MiB "
+                          f"({MAX_CONFIG_BYTES} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {p} is not a text YAML file (not UTF-8: byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); {fix}") from None
+    if "\0" in text:
+        raise ConfigError(f"--config {p} is not a text YAML file (a NUL byte at offset {data.index(0)}); {fix}")
+    return text
+
+
+def _load_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in the --config file at ``path`` (``~`` expanded: ``--config=~/c.yaml`` reaches us as typed)."""
+    p = Path(expand_user("--config", str(path)))
+    text = _read_config_text(p)
+    try:
+        loaded = _yaml(text, lambda mark: f"{p}:{mark.line + 1}")
+    except yaml.reader.ReaderError as e:  # a control character: the file is not YAML text
+        raise ConfigError(f"--config {p} is not a text YAML file (character {e.character!r} at offset {e.position} is "
+                          f"not allowed in YAML)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = _clip(str(getattr(e, "problem", None) or e).splitlines()[0], 200)
+        raise ConfigError(f"--config {p} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {p} must hold a mapping of sections (data:, model:, train:, ...)")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file (see configs/)")
-        try:
-            loaded = _yaml(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, train:, ...)")
-        raw = loaded
-    return config_from_dict(raw, overrides)
+    return config_from_dict(_load_file(path) if path is not None else {}, overrides)
+
+
+PATH_KEYS = ("out_dir", "data.root", "model.init_from", "resume")  # expanded by expand_user
+
+
+def expand_user(key: str, value: str) -> str:
+    """``value`` with a leading ``~`` or ``~user`` expanded (os.path.expanduser), never left as a literal ``~``
+    folder; ConfigError for an unknown user or a NUL character (no path can hold one)."""
+    if "\0" in value:
+        raise ConfigError(f"{key}: a path cannot contain a NUL character, got {shown(value)}")
+    if not value.startswith("~"):
+        return value
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        user = value[1:].split("/", 1)[0]
+        raise ConfigError(f"{key}: cannot expand {shown(value)} (no user {shown(user)}); write the full path")
+    return expanded
+
+
+def _expand_paths(cfg: Config) -> None:
+    """Expand ``~`` in every path-valued key (:data:`PATH_KEYS`), in place."""
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, name)
+        if isinstance(value, str):
+            setattr(owner, name, expand_user(key, value))
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -406,13 +573,14 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, .
         parts, value = parse_override(text)
         _merge(raw, parts, value, text)
     cfg = _build(Config, raw, "")
+    _expand_paths(cfg)
     validate(cfg)
     return cfg
 
 
 def _check(cond: bool, key: str, expected: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+        raise ConfigError(f"{key}: expected {expected}, got {shown(value)}")
 
 
 MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit: this leaves the sampler's seed + epoch room; -1 has no meaning
@@ -470,14 +638,37 @@ def validate(cfg: Config) -> None:
            "null, auto, or the path of a .pt checkpoint", cfg.resume)
     _check(cfg.model.init_from is None or bool(cfg.model.init_from), "model.init_from",
            "null or the path of a weights file", cfg.model.init_from)
-    _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
     known = set(flat_keys(Config().to_dict()))
     for name in allowed_changes(cfg) or ():
         _check(name in known, "resume_allow", "all, or config keys separated by commas (e.g. train.lr,train.epochs)",
                cfg.resume_allow)
-    if cfg.run_name is not None:
-        _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),
-               "run_name", "a folder name without '/'", cfg.run_name)
+    _validate_folders(cfg)
+
+
+NAME_MAX = 255  # bytes in one folder name on Linux filesystems (ext4, xfs, btrfs, tmpfs, NFS)
+
+
+def _validate_folders(cfg: Config) -> None:
+    """out_dir and run_name can name the run folder: each name fits a filesystem, run_name is one folder."""
+    _check(bool(cfg.out_dir), "out_dir", "a non-empty folder path", cfg.out_dir)
+    for part in Path(cfg.out_dir).parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise ConfigError(f"out_dir: the folder name {shown(part)} is {size} bytes, too long for a folder name "
+                              f"(at most {NAME_MAX} bytes); choose a shorter out_dir")
+    name = cfg.run_name
+    if name is None:
+        return
+    _check(bool(name), "run_name", "a folder name (or null for a generated one)", name)
+    _check("/" not in name, "run_name", "a folder name without '/'", name)
+    _check("\0" not in name, "run_name", "a folder name without a NUL character", name)
+    if name in (".", ".."):
+        meaning = "out_dir itself" if name == "." else "the folder above out_dir"
+        raise ConfigError(f"run_name: '{name}' is not a folder name (it means {meaning}); choose a name such as my-run")
+    size = len(os.fsencode(name))
+    if size > NAME_MAX:
+        raise ConfigError(f"run_name: {size} bytes is too long for a folder name (at most {NAME_MAX} bytes); "
+                          f"choose a shorter name, got {shown(name)}")
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:

@@ -35,9 +35,11 @@ class WeightsError(UserError):
 
 def read_weights_file(path: str | Path, what: str) -> Any:
     """The object stored in ``path``; one-line :class:`WeightsError` when missing, damaged or refused."""
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise WeightsError(f"{what}: {p} is a directory, expected a file")
     if not p.is_file():
-        raise WeightsError(f"{what}: {p} does not exist")
+        raise WeightsError(f"{what}: {p} does not exist" if not p.exists() else f"{what}: {p} is not a regular file")
     obj, why = safe_load(p)
     if why:
         raise WeightsError(f"{what}: {p} is {why}")
@@ -170,7 +172,7 @@ def _has_meta(obj: Any) -> bool:
 
 def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
     """A full checkpoint, or a ``model.pth`` with ``best.pt``/``last.pt`` beside it for the metadata."""
-    p = Path(path)
+    p = Path(path).expanduser()  # --checkpoint=~/x: no shell expands a ~ after "="
     obj = read_weights_file(p, what)
     weights = extract_state_dict(obj, p, what)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a full checkpoint
