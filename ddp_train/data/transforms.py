@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from torchvision.transforms import v2
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,6 +50,8 @@ class Cutout:
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Transform:
     """ToTensor + Normalize (images arrive already at the model's size)."""
+    from torchvision.transforms import v2  # here, not at the top: torchvision costs 1.4 s at start-up
+
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
@@ -63,6 +64,8 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augm
     """
     if not augment:
         return eval_transform(mean, std)
+    from torchvision.transforms import v2
+
     if crop == "resized":
         cropping = [v2.Resize(round(size * 1.25), antialias=True),
                     v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
@@ -115,6 +118,8 @@ def sample_transform(size: int, augment: bool, crop: str = "resized", padding: i
     integer image, and the cutout squares drawn, for :func:`normalise_batch` to apply."""
     if not augment:
         return None
+    from torchvision.transforms import v2
+
     if crop == "resized":
         cropping = [v2.Resize(round(size * 1.25), antialias=True),
                     v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
