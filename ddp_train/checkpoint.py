@@ -22,10 +22,45 @@ import torch
 from .errors import UserError
 
 
+def temp_name(path: Path) -> Path:
+    """The temporary file an atomic write of ``path`` goes through: ``.<name>.tmp-<pid>`` beside it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+# The temporary names of the run's own atomic writes (temp_name), by folder: a write killed mid-way
+# (SIGKILL, a lost node) leaves one, and only these are ever removed by remove_stale_temp_files.
+_OUR_TEMPS = {
+    "checkpoints": re.compile(r"^\.(?:step-\d{8,}(?:-b\d+)?\.pt|last\.pt|best\.pt|model\.pth)\.tmp-\d+$"),
+    ".": re.compile(r"^\.(?:metrics\.json|config\.yaml|job|run\.json)\.tmp-\d+$"),
+}
+
+
+def remove_stale_temp_files(run_dir: Path) -> tuple[int, int]:
+    """Remove the temporary files of killed writes from ``run_dir`` and its ``checkpoints/``; returns
+    (files, bytes) removed.
+
+    Only names of the exact pattern of the run's own writes go (``.step-00000010.pt.tmp-4242``,
+    ``.metrics.json.tmp-77``, ...; never another file). Call it with the run's lock held, before the
+    run's first write: one run writes a folder at a time, so any such file is from a process that
+    was killed while writing it (whatever its pid: in a container a restart may reuse it).
+    """
+    files = size = 0
+    for sub, pattern in _OUR_TEMPS.items():
+        folder = Path(run_dir) / sub
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+                nbytes = p.stat().st_size
+                p.unlink()
+                files, size = files + 1, size + nbytes
+    return files, size
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -101,7 +136,7 @@ def step_files(folder: Path) -> list[Path]:
 
 def _link(target: Path, name: Path) -> None:
     """Point ``name`` at ``target``'s data (a hard link), replacing ``name`` atomically."""
-    tmp = name.with_name(f".{name.name}.tmp-{os.getpid()}")
+    tmp = temp_name(name)
     if tmp.exists():
         tmp.unlink()
     os.link(target, tmp)
@@ -119,6 +154,20 @@ def looks_whole(path: Path) -> bool:
             return z.testzip() is None
     except (OSError, zipfile.BadZipFile, ValueError, EOFError):
         return False
+
+
+def write_error_reason(error: OSError, run_dir: Path) -> str:
+    """Why a write into the run folder failed, in words: the OS's reason, or that the folder is gone."""
+    if isinstance(error, FileNotFoundError) and not Path(run_dir).is_dir():
+        return f"the run folder {run_dir} no longer exists (removed, or its file system unmounted)"
+    return error.strerror or str(error)
+
+
+def write_error_advice(run_dir: Path) -> str:
+    """What to do after a failed write into ``run_dir`` (the end of the one-line error)."""
+    if not Path(run_dir).is_dir():
+        return "put the run folder back (its checkpoints went with it) and continue with resume=auto, or start again"
+    return "make the folder writable (or free space), then continue with resume=auto"
 
 
 class CheckpointWriteError(CheckpointError):
@@ -199,9 +248,9 @@ class Checkpointer:
         except OSError as e:  # reported on the training thread (the next wait(), or the step agreement)
             previous = self.last if self.last.exists() else None
             self._error = CheckpointWriteError(
-                f"checkpoint: cannot write {path}: {e.strerror or e}; "
+                f"checkpoint: cannot write {path}: {write_error_reason(e, self.folder.parent)}; "
                 + (f"the previous checkpoint {previous} is kept; " if previous else "")
-                + "make the folder writable (or free space), then continue with resume=auto")
+                + write_error_advice(self.folder.parent))
         except BaseException as e:
             self._error = e
 

@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, newest_valid, try_load
 from .config import Config, ConfigError, allowed_changes, diff_configs
 from .distributed import DistContext
 from .optim import Schedule, build_optimizer
+from .runrecord import check_same_run
 
 # Config keys whose change, once accepted with resume_allow, rebuilds the schedule at the resumed step.
 SCHEDULE_KEYS = ("train.epochs", "train.lr", "train.scheduler", "train.lr_period", "train.lr_decay",
@@ -48,14 +49,19 @@ def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) 
 
 def choose_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """``resume=auto``: the most recently written readable step file of the run (skipping damaged ones with
-    one line each), or None when there is none; else the file ``resume`` names. CheckpointError when unusable."""
+    one line each), or None when there is none; else the file ``resume`` names. CheckpointError when unusable,
+    or when it is another run's and ``run_dir`` already holds a run (:func:`~ddp_train.runrecord.check_same_run`)."""
     if resume == "auto":
         return newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
+    if Path(resume).is_dir():
+        raise CheckpointError(f"resume: {resume} is a directory, expected a checkpoint file (e.g. "
+                              f"<run>/checkpoints/last.pt), or resume=auto")
     if not Path(resume).is_file():
         raise CheckpointError(f"resume: {resume} does not exist; pass an existing checkpoint or resume=auto")
     state, why = try_load(Path(resume))
     if state is None:
         raise CheckpointError(f"resume: {resume} is {why}")
+    check_same_run(run_dir, Path(resume), state)  # a run folder holds one run
     return Path(resume), state
 
 

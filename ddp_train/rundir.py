@@ -1,4 +1,5 @@
-"""The run folder's life: named and claimed (its lock) before anything is written, config.yaml, released.
+"""The run folder's life: named and claimed (its lock) before anything is written, run.json and config.yaml,
+released.
 
 Only rank 0 writes; every rank takes part in each step's agreement, so a refusal ends all of
 them with rank 0's one line.
@@ -8,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, remove_stale_temp_files, write_error_reason
 from .config import Config, dump_yaml
 from .distributed import DistContext
 from .errors import UserError
 from .runlock import RunLock
+from .runrecord import RUN_FILE, read_record, record_for_start
 
 
 def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> tuple[Path, RunLock | None, str | None]:
@@ -36,10 +42,20 @@ def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> tuple[
         name = f"{cfg.data.name}-{cfg.model.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     name = ctx.broadcast_object(name)  # ranks may start a second apart: rank 0's timestamp wins
     run_dir = Path(cfg.out_dir) / name
-    claimed = ctx.run_agreed(claim_run_dir, run_dir, name, resume, ctx.job_id, on_this_rank=ctx.is_main)
-    lock, continuing = claimed if claimed is not None else (None, False)
-    resume = ctx.broadcast_object("auto" if continuing else resume)  # rank 0 saw the folder: its word holds
-    return run_dir, lock, resume
+    taken: list[RunLock] = []  # rank 0's lock, as soon as it exists: released if the ranks fail to agree
+
+    def claim() -> bool:
+        lock, continuing = claim_run_dir(run_dir, name, resume, ctx.job_id)
+        taken.append(lock)
+        return continuing
+
+    try:
+        continuing = bool(ctx.run_agreed(claim, on_this_rank=ctx.is_main))
+        resume = ctx.broadcast_object("auto" if continuing else resume)  # rank 0 saw the folder: its word holds
+    except BaseException:  # e.g. a peer gone in the agreement: the lock must not outlive this process
+        release_run_dir(taken[0] if taken else None, run_dir)
+        raise
+    return run_dir, (taken[0] if taken else None), resume
 
 
 def claim_run_dir(run_dir: Path, name: str, resume: str | None, job_id: str | None) -> tuple[RunLock, bool]:
@@ -65,6 +81,11 @@ def claim_run_dir(run_dir: Path, name: str, resume: str | None, job_id: str | No
     except (OSError, UserError) as e:
         if lock is not None:
             lock.release()
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+            shown = str(run_dir) if len(str(run_dir)) <= 120 else f"{str(run_dir)[:120]}..."
+            raise UserError(f"out_dir/run_name: the run folder path {shown} ({len(os.fsencode(str(run_dir)))} "
+                            f"bytes) is too long for the filesystem ({e.strerror}; a folder name is at most 255 "
+                            f"bytes, a path 4096); choose a shorter out_dir or run_name") from None
         if isinstance(e, OSError):
             raise UserError(f"out_dir: cannot write the run folder {run_dir}: {e.strerror or e}; "
                             f"choose a writable out_dir") from None
@@ -77,20 +98,46 @@ def claim_run_dir(run_dir: Path, name: str, resume: str | None, job_id: str | No
     return lock, continuing
 
 
-def write_run_config(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
-    """Rank 0 writes ``config.yaml`` and ``job`` (once the resume, if any, is known to fit); all ranks agree
-    on the outcome. ``job`` names the job that owns the run from now on (see :func:`claim_run_dir`)."""
-    ctx.run_agreed(_write_config, cfg, run_dir, ctx.job_id, on_this_rank=ctx.is_main)
+def write_run_config(cfg: Config, ctx: DistContext, run_dir: Path,
+                     origin: tuple[Path, dict[str, Any]] | None = None) -> str:
+    """The run's first writes, by rank 0, once the resume (if any) is known to fit: the temporary files of
+    killed writes go, then ``run.json``, ``job`` and ``config.yaml`` are written. All ranks agree on the
+    outcome; returns the run id (the same on every rank) for the checkpoints.
+
+    ``origin``: the checkpoint resumed from (path, contents), which decides the run (see
+    :func:`~ddp_train.runrecord.record_for_start`). ``job`` names the job that owns the run from now
+    on (see :func:`claim_run_dir`).
+    """
+    run_id = ctx.run_agreed(_write_config, cfg, run_dir, ctx.job_id, origin, on_this_rank=ctx.is_main)
+    return ctx.broadcast_object(run_id)
 
 
-def _write_config(cfg: Config, run_dir: Path, job_id: str | None) -> None:
+def _write_config(cfg: Config, run_dir: Path, job_id: str | None,
+                  origin: tuple[Path, dict[str, Any]] | None = None) -> str:
+    """Rank 0's part of :func:`write_run_config`; UserError (one line) when a file cannot be written."""
+    before = (read_record(run_dir) or {}).get("run_id")
+    record = record_for_start(run_dir, origin)
+    files = [(run_dir / RUN_FILE, json.dumps(record) + "\n"), (run_dir / "config.yaml", dump_yaml(cfg))]
+    if job_id is not None:
+        files.insert(1, (run_dir / "job", job_id + "\n"))
+    path = run_dir
     try:
-        if job_id is not None:
-            atomic_write_text(run_dir / "job", job_id + "\n")
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        # Under the lock, before the run's first write: no temporary file of ours belongs to a live write.
+        removed, size = remove_stale_temp_files(run_dir)
+        for path, text in files:
+            atomic_write_text(path, text)
     except OSError as e:
-        raise UserError(f"out_dir: cannot write {run_dir / 'config.yaml'}: {e.strerror or e}; "
+        raise UserError(f"out_dir: cannot write {path}: {write_error_reason(e, run_dir)}; "
                         f"choose a writable out_dir") from None
+    if removed:
+        print(f"ddp_train: removed {removed} temporary file{'s' if removed != 1 else ''} of interrupted writes "
+              f"({size / 1e6:.1f} MB) from {run_dir}", flush=True)
+    origin_info = record["resumed_from"]
+    if origin_info and record["run_id"] != before:
+        print(f"ddp_train: {run_dir} starts a new run ({record['run_id']}) from {origin_info['checkpoint']} "
+              f"(run {origin_info['run_id']}, global step {origin_info['global_step']}); run.json and "
+              f"metrics.json record it as resumed_from", flush=True)
+    return record["run_id"]
 
 
 def release_run_dir(lock: RunLock | None, run_dir: Path) -> None:

@@ -12,6 +12,10 @@ seconds. A lock is *stale*, and may be taken over, when
   crashed node stops refreshing it).
 
 Anything else is a live run: the new one is refused with one line naming it.
+
+The lock goes however the run ends short of SIGKILL: by ``finally`` on the way out, and, for the
+exits that skip ``finally`` (``os._exit``: the hang watchdog's, a second Ctrl-C), by
+:func:`release_held` just before them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +34,25 @@ from .errors import UserError
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
+
+
+# The locks this process holds, for release_held: process-wide, because the exits that need it
+# (os._exit from the watchdog's thread or a signal handler) have no way to reach the run's objects.
+_HELD: set[RunLock] = set()
+
+
+def release_held(timeout_s: float = 5.0) -> None:
+    """Release every lock this process holds, before an exit that skips ``finally`` blocks (``os._exit``).
+
+    Gives up after ``timeout_s``: a hung file system must not keep an exiting process from exiting
+    (the lock is then stale, and the next run on this host takes it over).
+    """
+    held = list(_HELD)
+    if not held:
+        return
+    worker = threading.Thread(target=lambda: [lock.release() for lock in held], name="ddp_train-unlock", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
 
 
 class RunFolderBusy(UserError):
@@ -101,10 +125,15 @@ class RunLock:
                 self.took_over = f"took over the lock of {self.path.parent}: {why}"
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.owner, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:  # a full disk: no empty or half-written lock left behind
+                self.path.unlink(missing_ok=True)
+                raise
+            _HELD.add(self)
             self._thread = threading.Thread(target=self._beat, name="ddp_train-lock", daemon=True)
             self._thread.start()
             return self
@@ -127,11 +156,16 @@ class RunLock:
                 pass  # a vanished lock is reported by nobody; the run's own writes still work
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock, if it is still ours."""
+        """Stop the heartbeat and remove the lock, if it is still ours (a warning line if it cannot be removed)."""
+        _HELD.discard(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1)
             self._thread = None
         owner, _ = self._read()
         if owner is not None and owner.get("pid") == self.owner["pid"] and owner.get("host") == self.owner["host"]:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:  # the run's own outcome stands; a lock left here is stale once we exit
+                print(f"ddp_train: warning: cannot remove the lock {self.path}: {e.strerror or e}; the next run "
+                      f"takes it over (its process has ended)", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ from .seeding import get_rng_state, set_rng_state
 from .status import current as current_status
 
 # Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
-LAYOUT = ("format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
+LAYOUT = ("format", "run_id", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
           "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset", "world_size",
           "partial", "rng", "epoch_lr", "sample_digest")
 # The keys TrainState writes and reads; the others are the model, optimizer, schedule, scaler, config, dataset.
@@ -55,6 +55,9 @@ class TrainState:
     rng: list[dict[str, Any]] = field(default_factory=list)  # per rank: seeding.get_rng_state()
     # Every global step's sample ids folded in (fold_digest); None: resumed from a checkpoint written without one.
     sample_digest: str | None = ""
+    # The run the checkpoints belong to (runrecord: run.json), set once the run's start is accepted;
+    # None in a checkpoint written before run ids.
+    run_id: str | None = None
 
     @property
     def global_step(self) -> int:
@@ -97,7 +100,7 @@ class TrainState:
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_valid_loss": self.best_valid_loss, "best_step": self.best_step, "history": list(self.history),
             "world_size": self.world_size, "partial": self.partial, "rng": self.rng, "epoch_lr": self.epoch_lr,
-            "sample_digest": self.sample_digest,
+            "sample_digest": self.sample_digest, "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,6 +119,7 @@ class TrainState:
         self.partial = [tuple(p) for p in state["partial"]]  # type: ignore[misc]
         self.rng = list(state["rng"])
         self.sample_digest = state.get("sample_digest")  # None from checkpoints written before the digest
+        self.run_id = state.get("run_id")  # None before run ids; the trainer sets this run's (runrecord)
 
 
 def fold_digest(digest: str, ids: np.ndarray) -> str:

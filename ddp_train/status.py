@@ -30,7 +30,8 @@ ENV = "DDP_TRAIN_STATUS_FILE"
 # The reason recorded for each exit code main() returns (its own one-line message is in the log).
 REASONS = {
     EXIT_OK: "finished",
-    EXIT_USER_ERROR: "stopped on a bad input (config, data, out_dir, a checkpoint, a run folder in use)",
+    EXIT_USER_ERROR: "stopped on a bad input or environment (config, data, out_dir, a checkpoint, a run folder in "
+                     "use, a write into the run folder that failed)",
     EXIT_HANG: "the hang watchdog ended the run: no rank completed a step in time",
     EXIT_CHECKPOINTED: "stopped by a signal after writing a checkpoint",
     1: "stopped: another rank ended during a collective",

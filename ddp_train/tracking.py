@@ -2,6 +2,11 @@
 
 Other ranks get a :class:`NullTracker` whose methods do nothing, so the training loop has no
 ``if rank == 0`` in it.
+
+A write that fails (full disk, permissions, the run folder removed) does not stop the tracker's
+caller: the first failure is kept as one line (:class:`TrackerWriteError`), later writes are
+skipped, and the trainer ends every rank with it at the next step's agreement (:attr:`failed`,
+:meth:`check`) or at :meth:`close`.
 """
 
 from __future__ import annotations
@@ -9,11 +14,38 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, write_error_advice, write_error_reason
+from .errors import UserError
+from .runrecord import read_record
+
+
+class TrackerWriteError(UserError):
+    """metrics.json or the TensorBoard event file could not be written."""
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Keep a failed write of TensorBoard's writer thread from printing a traceback.
+
+    The thread keeps its error for the writer's next call in the main thread, where the tracker
+    turns it into one line, then re-raises it, which Python prints (``Exception in thread``).
+    Installed once per process; every other thread's exception is printed as before.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "ddp_train_quiet_tensorboard", False):
+        return
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.ddp_train_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _clean(value: Any) -> Any:
@@ -42,33 +74,68 @@ class NullTracker:
     def log_config(self, config_yaml: str) -> None: ...
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
     def close(self) -> None: ...
+    def end(self) -> None: ...
+    def check(self) -> None: ...
+
+    @property
+    def failed(self) -> bool:
+        """A write has failed (:meth:`check` raises it); cheap, never blocks."""
+        return False
 
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         return iterable
 
 
 class Tracker(NullTracker):
-    """Rank 0's tracker: prints, keeps ``metrics.json`` and one TensorBoard event stream in ``tb/``."""
+    """Rank 0's tracker: prints, keeps ``metrics.json`` and a TensorBoard event stream in ``tb/`` (one event
+    file per start of the run: a resumed run adds one, and TensorBoard reads the folder's files as one run)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.json"
         self.test: dict[str, Any] | None = None
+        # A run resumed from another run's checkpoint says so in metrics.json too (see runrecord).
+        self.resumed_from = (read_record(self.run_dir) or {}).get("resumed_from")
         self.tty = sys.stderr.isatty()
         self.writer = None
+        self.error: TrackerWriteError | None = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_thread()
             # On resume, purge_step hides points the interrupted process logged after its checkpoint.
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+            self.writer = self._attempt(
+                "TensorBoard", self.run_dir / "tb",
+                lambda: SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step))
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def check(self) -> None:
+        """Raise the first failed write, if any (:class:`TrackerWriteError`, one line)."""
+        if self.error is not None:
+            raise self.error
+
+    def _attempt(self, what: str, path: Path, write: Callable[[], Any]) -> Any:
+        """``write()``, keeping an OSError as the tracker's error (the first one); skipped after a failure."""
+        if self.error is not None:
+            return None
+        try:
+            return write()
+        except OSError as e:
+            kept = "the checkpoints written so far are kept; " if self.run_dir.is_dir() else ""
+            self.error = TrackerWriteError(f"{what}: cannot write {path}: {write_error_reason(e, self.run_dir)}; "
+                                           f"{kept}{write_error_advice(self.run_dir)}")
+            return None
 
     def info(self, message: str) -> None:
         print(message, flush=True)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            self._attempt("TensorBoard", self.run_dir / "tb", lambda: self.writer.add_scalar(tag, value, step))
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
         """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard at ``step``."""
@@ -77,7 +144,7 @@ class Tracker(NullTracker):
                          ("valid/acc", "valid_acc"), ("lr", "lr"), ("throughput/img_per_s", "img_per_s")):
             self.scalar(tag, record[key], step)
         if self.writer is not None:
-            self.writer.flush()
+            self._attempt("TensorBoard", self.run_dir / "tb", self.writer.flush)
         self.info(
             f"epoch {record['epoch']:>3} | train_loss {record['train_loss']:.4f} | valid_loss "
             f"{record['valid_loss']:.4f} | valid_acc {record['valid_acc']:.4f} | lr {record['lr']:.3g} | "
@@ -96,7 +163,8 @@ class Tracker(NullTracker):
     def log_config(self, config_yaml: str) -> None:
         if self.writer is not None:
             # Indented: TensorBoard renders text as markdown, and this keeps the YAML a code block.
-            self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)
+            text = "    " + config_yaml.replace("\n", "\n    ")
+            self._attempt("TensorBoard", self.run_dir / "tb", lambda: self.writer.add_text("config", text, 0))
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Hyperparameters and final metrics into the run's one event file.
@@ -108,13 +176,18 @@ class Tracker(NullTracker):
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        exp, ssi, sei = hparams_summary(hparams, metrics)
-        file_writer = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
-            file_writer.add_summary(summary)
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, 0)
-        self.writer.flush()
+        writer = self.writer
+
+        def write() -> None:
+            exp, ssi, sei = hparams_summary(hparams, metrics)
+            file_writer = writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, 0)
+            writer.flush()
+
+        self._attempt("TensorBoard", self.run_dir / "tb", write)
 
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         if not self.tty:
@@ -124,11 +197,29 @@ class Tracker(NullTracker):
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and close the event file; then raise the first failed write, if any (:meth:`check`)."""
+        self.end()
+        self.check()
+
+    def end(self) -> None:
+        """Flush and close the event file if still open (on every way out of a run); never raises, a failure
+        is kept for :meth:`check`."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        if self.error is None:
+            self._attempt("TensorBoard", self.run_dir / "tb", writer.close)
+            return
+        try:  # its thread may be gone after a failure: closed all the same, its error is already kept
+            writer.close()
+        except OSError:
+            pass
 
     def _write_metrics(self) -> None:
         data: dict[str, Any] = {"history": self.history}
+        if self.resumed_from:
+            data["resumed_from"] = self.resumed_from
         if self.test is not None:
             data["test"] = self.test
-        atomic_write_text(self.metrics_path, json.dumps(_clean(data), indent=2) + "\n")
+        text = json.dumps(_clean(data), indent=2) + "\n"
+        self._attempt("metrics", self.metrics_path, lambda: atomic_write_text(self.metrics_path, text))

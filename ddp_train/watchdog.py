@@ -17,7 +17,8 @@ torchrun's agent store, or under ``srun`` the TCPStore that rank 0 hosts. A rank
 
 The culprits: the ranks not responding; else the responding ranks that are not waiting for peers
 (e.g. stuck in data loading); else (all waiting: mismatched collectives) the lowest step.
-Checkpoints are atomic (written whole or not at all), so the last good one survives the exit.
+Checkpoints are atomic (written whole or not at all), so the last good one survives the exit; the
+run folder's lock is released before it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Any
 
 from . import status
 from .errors import EXIT_HANG
+from .runlock import release_held
+from .signals import agent_gone
 from .steptime import CLOCK, PHASES
 
 
@@ -103,7 +106,7 @@ class Watchdog:
                 try:
                     self._end()
                 finally:  # whatever happens while reporting, the job must end
-                    os._exit(EXIT_HANG)
+                    _exit_hang()
 
     def _connect(self) -> Any:
         if self._store is None and self.store_addr is not None:
@@ -128,6 +131,8 @@ class Watchdog:
 
     def _store_op(self, op: Any) -> Any:
         """``op(store)``; None when there is no store or it does not answer (its host may be the stuck one)."""
+        if agent_gone():  # its store died with it (C++ would print a stack dump); signals' watcher ends this worker
+            return None
         try:
             store = self._connect()
             return None if store is None else op(store)
@@ -163,7 +168,7 @@ class Watchdog:
                   f"{self.store_addr[0]}:{self.store_addr[1]} does not answer: the rank or node hosting it "
                   f"(rank 0 under srun, the first node's torchrun agent) is stuck or gone; this rank was in {where}; "
                   f"stacks: {self._stack_path()}; exit code {EXIT_HANG}", file=sys.stderr, flush=True)
-            os._exit(EXIT_HANG)
+            _exit_hang()
         if self.rank == responding[0]:
             wheres = {**self._gather_wheres(responding), self.rank: where}
             summary = self._summary(stalled, second, responding, wheres)
@@ -174,7 +179,7 @@ class Watchdog:
         else:  # the reporter prints first: an early exit would make torchrun stop it
             self._beat_while(lambda: bool(self._store_op(lambda s: s.check([f"{self.prefix}reported"]))),
                              6 * self.beat_s + 5)
-        os._exit(EXIT_HANG)
+        _exit_hang()
 
     def _beat_while(self, done: Any, seconds: float) -> None:
         """Wait up to ``seconds`` for ``done()``, heartbeating meanwhile: the other ranks, deciding too, must
@@ -256,6 +261,13 @@ class Watchdog:
             return "no heartbeat ever"
         return (f"on {beat.host}, last seen at global step {beat.step} in {PHASES.get(beat.phase, beat.phase)}"
                 f"{', waiting for other ranks' if beat.waiting else ''}")
+
+
+def _exit_hang() -> None:
+    """End the process with EXIT_HANG, now: the main thread is stuck, so no ``finally`` would run. The
+    run folder's lock (rank 0's) is released first, as on every other way out but SIGKILL."""
+    release_held()
+    os._exit(EXIT_HANG)
 
 
 def main_thread_location() -> str:

@@ -161,8 +161,12 @@ def test_fp64_checkpoint_evaluates_and_predicts_with_an_fp32_model(fp64_runs, tm
         got[t["index"]] = t["prob"]
     ref = build_model("resnet10", 10, width=16).double()
     ref.load_state_dict(ckpt["model"])
+    from ddp_train.data.loaders import eval_loader
+
+    dataset = load_dataset(cfg.data)
+    first, _ = next(iter(eval_loader(split, 1, 0, 1, 0, False, (dataset.mean, dataset.std, torch.device("cpu")))))
     with torch.no_grad():
-        want = torch.softmax(ref.eval()(split[0][0][None].double()), 1)[0]
+        want = torch.softmax(ref.eval()(first.double()), 1)[0]
     assert torch.allclose(got, want, atol=1e-5), (got, want)
 
 

@@ -25,7 +25,7 @@ from .helpers import TINY
 # The keys of a checkpoint on disk: eval, predict, fine-tuning and resume read them by name.
 CHECKPOINT_KEYS = {"format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model",
                    "optimizer", "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset",
-                   "world_size", "partial", "rng", "epoch_lr", "sample_digest"}
+                   "world_size", "partial", "rng", "epoch_lr", "sample_digest", "run_id"}
 CPU = DistContext("single", 0, 0, 1, torch.device("cpu"))
 
 
