@@ -22,6 +22,9 @@ from .config import ConfigError, describe_keys, load_config, validate_for_device
 from .distributed import (DistContext, LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed,
                           peer_gone, shutdown)
 from .errors import EXIT_CHECKPOINTED, UserError
+from .localcomm import PeerGone
+from .rendezvous import StartupEnded
+from .signals import end_orphan, watch_agent
 from .status import reported
 from .steptime import CLOCK
 
@@ -61,9 +64,14 @@ def _config_error(message: str, rank: int) -> int:
 
 def peer_lost_line(ctx: DistContext, error: BaseException, env: Mapping[str, str]) -> str:
     """The line for a collective that failed because another rank's process ended: which peer (gloo's
-    error names its address, not its rank), after which global step, and what happens next."""
+    error names its address, not its rank; a shared-memory collective knows its rank and process),
+    after which global step, and what happens next."""
     found = re.search(r"\[([^\]\s]+)\]:(\d+)", str(error))
-    peer = f"the rank at {found.group(1)}:{found.group(2)}" if found else "a peer"
+    process = "its process"
+    if isinstance(error, PeerGone):
+        peer, process = f"rank {error.rank}", f"its process, pid {error.pid} on this machine,"
+    else:
+        peer = f"the rank at {found.group(1)}:{found.group(2)}" if found else "a peer"
     # CLOCK.global_step: the last step this process completed (0 before its first, resumed or not).
     when = f"after global step {CLOCK.global_step}" if CLOCK.global_step else "before this process's first step"
     limit = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
@@ -73,7 +81,7 @@ def peer_lost_line(ctx: DistContext, error: BaseException, env: Mapping[str, str
     else:  # no torchrun restart left (or none asked for): under launch/slurm.sbatch the job is requeued
         then = ("the job ends (the first error above, if any, says why); run it again with resume=auto to continue "
                 "from the newest checkpoint in the run folder")
-    return f"ddp_train: rank {ctx.rank}: lost {peer} (its process ended: a crash, a kill or a lost node) {when}; {then}"
+    return f"ddp_train: rank {ctx.rank}: lost {peer} ({process} ended: a crash, a kill or a lost node) {when}; {then}"
 
 
 @record
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         launch = detect_launch(env)
     except LaunchError as e:
         return fail(str(e))
+    watch_agent(env, launch.rank)  # under torchrun: a worker whose agent died ends with one line
     try:
         cfg = load_config(args.config, args.overrides)
         validate_for_world(cfg, launch.world_size)
@@ -106,11 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train  # heavy imports after the cheap checks
 
         try:
-            ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
+            ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s, lambda: stop_flag.name)
         except LaunchError as e:
             return fail(str(e), launch.rank)
+        except StartupEnded as e:  # a stop signal or dist.timeout_s while ranks were missing: one line for the job
+            if e.report:
+                print(e.line, file=sys.stderr, flush=True)
+            return e.exit_code
         try:
             train(cfg, ctx, stop_flag)
+            if stop_flag.signum is not None and ctx.is_main:  # after the test's agreement: the run is complete
+                print(f"ddp_train: {stop_flag.name} arrived as the run finished; nothing left to stop",
+                      file=sys.stderr, flush=True)
         except Preempted as e:
             if ctx.is_main:
                 print(f"ddp_train: {e}", file=sys.stderr, flush=True)
@@ -124,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             if not (ctx.distributed and peer_gone(e)):
                 raise  # a bug: its traceback (and torchrun's error file, through @record)
+            end_orphan()  # the peer may be a sibling whose agent (this one's too) died: that line instead
             # A peer's process ended (a crash says why above it; a lost node says nothing): one line
             # per surviving node, not a traceback per rank.
             if ctx.local_rank == 0:
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             shutdown(ctx)
+            stop_flag.ignore_from_now()  # this rank's exit code is decided: torchrun's SIGTERM must not change it
     return 0
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .errors import UserError
 from .localcomm import LocalGroup, PeerGone, open_local_group
+from .rendezvous import Rendezvous
 from .steptime import CLOCK
 
 Launcher = Literal["torchrun", "slurm", "single"]
@@ -69,6 +70,36 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise LaunchError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def _place(rank: int, local_rank: int, world: int, env: Mapping[str, str], names: tuple[str, str, str]) -> None:
+    """Refuse a rank, local rank or world size that cannot be (``names``: the variables they came from)."""
+    rank_key, local_key, world_key = names
+    if world < 1:
+        raise LaunchError(f"{world_key}={world}: the number of ranks must be 1 or more")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{rank_key}={rank} is out of range for {world_key}={world}: ranks are 0 to {world - 1}")
+    if local_rank < 0:
+        raise LaunchError(f"{local_key}={local_rank} is negative: local ranks count from 0 on each machine")
+    if "LOCAL_WORLD_SIZE" in env:
+        local_world = _int(env, "LOCAL_WORLD_SIZE")
+        if not 0 <= local_rank < local_world:
+            raise LaunchError(f"{local_key}={local_rank} is out of range for LOCAL_WORLD_SIZE={local_world}: local "
+                              f"ranks are 0 to {local_world - 1}")
+
+
+def _master(env: Mapping[str, str], world: int) -> tuple[str, int] | None:
+    """MASTER_ADDR and MASTER_PORT: required (and checked) with several ranks; None for one rank without them."""
+    if world == 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        return None
+    why = f"with WORLD_SIZE={world} every rank needs rank 0's address and a free port on it (torchrun sets both)"
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(key, "").strip():
+            raise LaunchError(f"{key} is not set: {why}")
+    port = _int(env, "MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise LaunchError(f"MASTER_PORT={port} is not a port number (1 to 65535)")
+    return env["MASTER_ADDR"].strip(), port
+
+
 def job_id(env: Mapping[str, str]) -> str | None:
     """What identifies this job across its restarts: the SLURM job (array task included) or torchrun's rendezvous id."""
     if env.get("SLURM_JOB_ID"):
@@ -85,16 +116,18 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
         run_id = env.get("TORCHELASTIC_RUN_ID")
         # torchrun's rendezvous id names the job across its restarts, but only when restarts are on.
         stable = run_id not in (None, "", "none") and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        _place(rank, local_rank, world, env, ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         return LaunchInfo(
             "torchrun",
-            rank=_int(env, "RANK"),
-            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            world_size=_int(env, "WORLD_SIZE"),
+            rank=rank,
+            local_rank=local_rank,
+            world_size=world,
             restart_count=restarts,
             run_id=run_id if stable else None,
             job_id=job_id(env),
-            store_addr=(env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
-            if "MASTER_ADDR" in env and "MASTER_PORT" in env else None,
+            store_addr=_master(env, world),
         )
     # SLURM_STEP_ID exists only inside an `srun` step: a plain `python` in a batch script of a
     # multi-task job must not wait for peers that were never started.
@@ -102,16 +135,20 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
         ntasks_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
         world = _int(env, ntasks_key)
         if world > 1:
+            local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+            _place(_int(env, "SLURM_PROCID"), local_rank, world, {}, ("SLURM_PROCID", "SLURM_LOCALID", ntasks_key))
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
             job_number = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
             step_id = _int(env, "SLURM_STEP_ID") % 16 if env["SLURM_STEP_ID"].isdigit() else 0
             # A port derived from the job and step ids keeps jobs (and steps) sharing a node apart;
             # 15000-29999 stays below Linux's ephemeral range (32768+).
             port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + (job_number * 16 + step_id) % 15000
+            if not 1 <= port <= 65535:
+                raise LaunchError(f"MASTER_PORT={port} is not a port number (1 to 65535)")
             return LaunchInfo(
                 "slurm",
                 rank=_int(env, "SLURM_PROCID"),
-                local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                local_rank=local_rank,
                 world_size=world,
                 master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
                 master_port=port,
@@ -281,8 +318,14 @@ def _pick_device(local_rank: int, cuda_ok: bool) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count()) if kind == "cuda" else torch.device(kind)
 
 
-def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int = 600) -> DistContext:
-    """Start the process group (when there are several ranks) and pick the device."""
+def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int = 600,
+                     stopped_by: Callable[[], str] = lambda: "") -> DistContext:
+    """Start the process group (when there are several ranks) and pick the device.
+
+    ``stopped_by()`` names a stop signal once one arrived (the CLI's :class:`~ddp_train.signals.StopFlag`):
+    a rendezvous still waiting for ranks then ends (:class:`~ddp_train.rendezvous.StartupEnded`, as at
+    ``timeout_s``); one that has completed keeps the signal for the first training step.
+    """
     cuda_ok = torch.cuda.is_available()
     if launch.launcher == "single":
         gpus = torch.cuda.device_count() if cuda_ok else 0
@@ -298,24 +341,20 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
         raise LaunchError("dist.backend: nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
     if launch.world_size > 1:
         timeout = datetime.timedelta(seconds=timeout_s)
-        if launch.launcher == "torchrun":
+        if launch.launcher == "torchrun" and environ().get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent hosts the store and has gathered the nodes: torch's rendezvous only connects to it.
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-            if environ().get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                # The agent's store outlives a restart; a restarted group that read the previous
-                # attempt's gloo/NCCL addresses from it would fail to connect: a prefix per attempt.
-                # (With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each round gets a new store, and the
-                # attempt counts of the agents may differ: a node that joins later counts from 0.)
-                store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
-            dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
-                                    timeout=timeout)
-        else:
-            dist.init_process_group(
-                backend,
-                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                rank=launch.rank,
-                world_size=launch.world_size,
-                timeout=timeout,
-            )
+            # The agent's store outlives a restart; a restarted group that read the previous
+            # attempt's gloo/NCCL addresses from it would fail to connect: a prefix per attempt.
+            # (With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each round gets a new store, and the
+            # attempt counts of the agents may differ: a node that joins later counts from 0.)
+            store = dist.PrefixStore(f"ddp_train/attempt{launch.restart_count}", store)
+        else:  # rank 0 hosts the store (srun, or RANK/WORLD_SIZE set by hand): a wait that can end early
+            assert launch.store_addr is not None  # detect_launch requires MASTER_ADDR/MASTER_PORT here
+            store = Rendezvous(*launch.store_addr, launch.rank, launch.world_size, timeout_s,
+                               speaks=launch.local_rank == 0).join(stopped_by)
+        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout)
     control = dist.new_group(backend="gloo") if backend == "nccl" and launch.world_size > 1 else None
     ctx = DistContext(launch.launcher, launch.rank, launch.local_rank, launch.world_size, device, backend,
                       restart_count=launch.restart_count, run_id=launch.run_id, job_id=launch.job_id,

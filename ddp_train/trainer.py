@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpointer, branch_for_resume, find_weights_at
+from .checkpoint import Checkpointer, branch_for_resume, find_weights_at, step_file
 from .config import Config, dump_yaml, flat_keys
 from .data import DataBundle, Dataset, build_data, load_dataset_agreed
 from .distributed import DistContext
@@ -28,7 +28,7 @@ from .preflight import check_agreement
 from .resume import load_resume_checkpoint, restore
 from .rundir import prepare_run_dir, release_run_dir, write_run_config
 from .seeding import set_determinism
-from .signals import Preempted, StopFlag
+from .signals import Preempted, StopFlag, until_stopped
 from .state import RunCheckpoints, TrainState
 from .steptime import CLOCK
 from .stragglers import StragglerReport
@@ -66,13 +66,16 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     CLOCK.reset(armed=not cfg.train.compile)  # with compile, the watchdog's clock starts after the first step
     resume = cfg.resume or ("auto" if ctx.restart_count > 0 else None)  # a restarted job continues
     run_dir, lock, resume = prepare_run_dir(cfg, ctx, resume)
+    run: Run | None = None
     try:
         run = set_up(cfg, ctx, run_dir, resume)
         stragglers = StragglerReport(ctx, cfg.dist.straggler_every_steps, cfg.dist.straggler_factor, run.tracker)
         with watch_for_hangs(cfg, ctx, run_dir):
             best_weights = train_epochs(cfg, ctx, run, stop_flag, stragglers)
-            return finish(cfg, ctx, run, best_weights)
+            return finish(cfg, ctx, run, best_weights, stop_flag)
     finally:
+        if run is not None:
+            run.tracker.end()  # a stop or an error: the points logged so far reach the event file
         release_run_dir(lock, run_dir)
 
 
@@ -107,7 +110,7 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     if ckpt is not None:
         # Checked on every rank before anything is written: a refused resume leaves config.yaml as it was.
         state, partial, lines = continue_from(ckpt, resumed_from, cfg, ctx, learner, dataset, steps_per_epoch, run_dir)
-    write_run_config(cfg, ctx, run_dir)
+    state.run_id = write_run_config(cfg, ctx, run_dir, None if ckpt is None else (resumed_from, ckpt))
     tracker = open_tracker(cfg, ctx, run_dir, data, learner, state, None if ckpt is None else ckpt["global_step"])
     for line in lines:
         tracker.info(line)
@@ -140,7 +143,10 @@ def continue_from(ckpt: dict[str, Any], path: Path, cfg: Config, ctx: DistContex
 def open_tracker(cfg: Config, ctx: DistContext, run_dir: Path, data: DataBundle, learner: Learner,
                  state: TrainState, resumed_step: int | None) -> NullTracker:
     """Rank 0's Tracker (a no-op elsewhere), continuing ``state.history``; logs the config and the run's header line."""
-    tracker = Tracker(run_dir, purge_step=resumed_step) if ctx.is_main else NullTracker()
+    # Purged from step resumed_step + 1: the points of the checkpoint's own step were logged before it was
+    # written, and the resumed run does not log them again.
+    purge = None if resumed_step is None else resumed_step + 1
+    tracker = Tracker(run_dir, purge_step=purge) if ctx.is_main else NullTracker()
     tracker.history = state.history  # the same list: epochs appended by the loop are logged and checkpointed
     if ctx.data_parallel:
         tracker.info(f"{torch.cuda.device_count()} GPUs visible without torchrun: using nn.DataParallel. "
@@ -152,7 +158,8 @@ def open_tracker(cfg: Config, ctx: DistContext, run_dir: Path, data: DataBundle,
         f"{len(data.train.dataset)} train / {len(data.valid.dataset)} valid / "
         f"{len(data.test.dataset) if data.test else 0} test, {len(dataset.classes)} classes | {cfg.model.name} | "
         f"{precision_name(learner.amp_dtype)}{' + compile' if cfg.train.compile else ''} | "
-        f"{'device-resident data' if data.device_resident else f'{cfg.data.num_workers} loader workers'} | "
+        f"{'device-resident data' if data.device_resident else f'{cfg.data.num_workers} loader workers'} "
+        f"({data.input_path}) | "
         f"global batch {cfg.train.batch_size}"
     )
     return tracker
@@ -199,10 +206,13 @@ class StepHook:
         if global_step % self.cfg.train.log_every_steps == 0:
             mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
             self.tracker.scalar("train/loss", float(mean.item()), global_step)
-        # One small all-reduce: a stop signal on any rank, or a failed background checkpoint write.
-        stop, write_failed = ctx.any_each([self.stop_flag.signum is not None, self.checkpoints.failed])
+        # One small all-reduce: a stop signal on any rank, or a failed write (background checkpoint, metrics.json,
+        # TensorBoard) on rank 0.
+        stop, write_failed = ctx.any_each([self.stop_flag.signum is not None,
+                                           self.checkpoints.failed or self.tracker.failed])
         if write_failed:
             self.checkpoints.wait()  # raises rank 0's error on every rank
+            ctx.run_agreed(self.tracker.check)  # or the tracker's
         every = self.cfg.checkpoint.every_steps
         if stop or (every and global_step % every == 0 and done < state.steps_per_epoch):
             path = self.checkpoints.save(state, (float(loss_sum.item()), samples), background=not stop)
@@ -248,16 +258,16 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
         }
         state.history.append(record)
         state.epoch, state.step_in_epoch, state.epoch_lr, partial = state.epoch + 1, 0, learner.schedule.lr, (0.0, 0)
-        run.checkpoints.save(state, partial, improved, background=True)  # written while the next epoch trains
+        saved = run.checkpoints.save(state, partial, improved, background=True)  # written while the next epoch trains
         tracker.log_epoch(record, state.global_step)
         # What an epoch costs besides its training steps and validation forward passes (set-up,
         # checkpoint, logging); validation itself is logged next to it.
         tracker.scalar("time/epoch_overhead_s", time.perf_counter() - epoch_start - result.seconds - eval_s,
                        state.global_step)
         tracker.scalar("time/valid_s", eval_s, state.global_step)
-        if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop at the boundary
+        if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop after it, at the epoch's end
             run.checkpoints.wait()
-            raise Preempted(stop_flag.name or "a signal to another rank", str(run.checkpoints.checkpointer.last))
+            raise Preempted(stop_flag.name or "a signal to another rank", str(saved or run.checkpoints.checkpointer.last))
     run.checkpoints.wait()  # the last epoch's checkpoint is on disk before testing and returning
     return best_weights
 
@@ -279,12 +289,13 @@ def train_epoch(cfg: Config, ctx: DistContext, run: Run, on_step: StepHook, part
 # --------------------------------------------------------------------------- finish
 
 
-def finish(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | None) -> dict[str, Any]:
+def finish(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | None,
+           stop_flag: StopFlag) -> dict[str, Any]:
     """Test, log the hyperparameters with the final metrics, close the tracker; returns metrics.json's content."""
     state, tracker = run.state, run.tracker
     test_metrics: dict[str, Any] | None = None
     if run.data.test is not None:
-        test_metrics = run_test(cfg, ctx, run, best_weights)
+        test_metrics = run_test(cfg, ctx, run, best_weights, stop_flag)
     else:
         tracker.info("no test split (image_folder without test/): skipping the test evaluation")
     final = {"best_valid_loss": state.best_valid_loss,
@@ -292,12 +303,17 @@ def finish(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | None
     if test_metrics is not None:
         final.update({"test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"]})
     tracker.log_hparams(_hparams(cfg), {f"hparam/{k}": float(v) for k, v in final.items()})
-    tracker.close()
+    ctx.run_agreed(tracker.close)  # a failed write of rank 0's tracker ends every rank with its line
     return {"history": state.history, "test": test_metrics, "run_dir": str(run.run_dir)}
 
 
-def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | None) -> dict[str, Any]:
-    """Evaluate the test split with the best weights (``train.test_weights: best``, when found) or the final ones."""
+def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | None,
+             stop_flag: StopFlag) -> dict[str, Any]:
+    """Evaluate the test split with the best weights (``train.test_weights: best``, when found) or the final ones.
+
+    A stop signal ends the evaluation at the signalled rank's next batch, and the run with
+    :class:`Preempted`: the training's last checkpoint is already on disk, and ``resume=auto`` tests again.
+    """
     state, learner = run.state, run.learner
     # The best epoch may have come before a resume: its weights are then in a checkpoint file.
     best_seen_before = cfg.train.test_weights == "best" and best_weights is None and state.best_step >= 0
@@ -309,8 +325,14 @@ def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | No
     if best_weights is not None:
         learner.model_without_ddp.load_state_dict(best_weights)
     assert run.data.test is not None
-    result = evaluate(learner.model_without_ddp, run.data.test, ctx, learner.batcher, learner.amp_dtype,
-                      len(run.dataset.classes))
+    result = evaluate(learner.model_without_ddp, until_stopped(run.data.test, stop_flag), ctx, learner.batcher,
+                      learner.amp_dtype, len(run.dataset.classes))
+    if ctx.any(stop_flag.signum is not None):  # the metrics of a partial pass are not kept
+        # The training's last checkpoint: its step file when this run wrote it (last.pt links to it either way).
+        last = step_file(run.checkpoints.checkpointer.folder, state.global_step, state.branch)
+        raise Preempted(stop_flag.name or "a signal to another rank",
+                        str(last if last.exists() else run.checkpoints.checkpointer.last),
+                        "the training is complete; the test runs again")
     metrics = {**result.to_dict(run.dataset.classes), "weights": "final" if best_weights is None else "best"}
     run.tracker.log_test(metrics)
     return metrics

@@ -8,8 +8,9 @@ from ddp_train.distributed import LaunchError, LaunchInfo, detect_launch, first_
 
 
 def test_torchrun_variables():
-    info = detect_launch({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "SLURM_PROCID": "0"})
-    assert info == LaunchInfo("torchrun", rank=3, local_rank=1, world_size=4)
+    info = detect_launch({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "SLURM_PROCID": "0",
+                          "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert info == LaunchInfo("torchrun", rank=3, local_rank=1, world_size=4, store_addr=("10.0.0.1", 29500))
 
 
 def test_srun_step_variables():

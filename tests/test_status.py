@@ -23,7 +23,8 @@ def test_only_global_rank_zero_with_the_variable_writes(tmp_path):
     path = tmp_path / "s.json"
     assert status.for_process({}) is status.NO_STATUS
     assert status.for_process({status.ENV: str(path)}).path == path  # one process: rank 0
-    torchrun = {status.ENV: str(path), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    torchrun = {status.ENV: str(path), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500"}  # as torchrun sets them (without MASTER_*, detect_launch refuses the launch)
     assert status.for_process(torchrun) is status.NO_STATUS
     assert status.for_process({**torchrun, "RANK": "0", "LOCAL_RANK": "0"}).path == path
     srun = {status.ENV: str(path), "SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",

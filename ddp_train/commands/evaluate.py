@@ -247,6 +247,7 @@ def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_
 
 def main(argv: list[str]) -> int:
     from ..distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
+    from ..rendezvous import StartupEnded
     from ..weights import build_trained_model, load_trained
 
     try:
@@ -271,6 +272,10 @@ def main(argv: list[str]) -> int:
         ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
     except LaunchError as e:
         return fail(str(e), launch.rank)
+    except StartupEnded as e:  # the rendezvous timed out, or lost rank 0: one line for the job
+        if e.report:
+            print(e.line, file=sys.stderr, flush=True)
+        return e.exit_code
     try:
         result, report = run_eval(cfg, trained, model, split, ctx)
         if ctx.is_main:
