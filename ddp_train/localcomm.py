@@ -52,6 +52,10 @@ LIVENESS_EVERY_S = 0.2
 class PeerGone(RuntimeError):
     """A peer's process ended while this rank waited for it in a shared-memory collective."""
 
+    def __init__(self, message: str, rank: int, pid: int) -> None:
+        super().__init__(message)
+        self.rank, self.pid = rank, pid
+
 
 class LocalGroup:
     """All-gather and all-reduce among ``world_size`` ranks of one machine (see the module docstring)."""
@@ -121,7 +125,7 @@ class LocalGroup:
         for r, pid in enumerate(self.pids):
             if r != self.rank and self._flags[r] < seq and not _alive(pid):
                 raise PeerGone(f"shared-memory peer gone: rank {r} (pid {pid}) ended while rank {self.rank} "
-                               f"waited for it in a collective")
+                               f"waited for it in a collective", r, pid)
         if waited > self.timeout_s:
             late = [r for r in range(self.world_size) if self._flags[r] < seq]
             raise RuntimeError(f"shared-memory collective timed out after {self.timeout_s:.0f} s "

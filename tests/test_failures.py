@@ -151,7 +151,8 @@ def test_data_error_on_one_rank_ends_the_torchrun_job_within_seconds(tmp_path):
     # Rank 0, left waiting in the validation all-reduce, says in one line why it stops too.
     others = [line for line in err.splitlines() if line.startswith("ddp_train:") and line not in errors]
     assert others == [] or (len(others) == 1 and re.fullmatch(
-        r"ddp_train: rank 0: lost (the rank at \S+|a peer) \(its process ended: a crash, a kill or a lost node\) "
+        r"ddp_train: rank 0: lost (the rank at \S+ \(its process|a peer \(its process|rank \d+ \(its process, pid \d+ on "
+        r"this machine,) ended: a crash, a kill or a lost node\) "
         r"after global step \d+; the job ends \(the first error above, if any, says why\); run it again with "
         r"resume=auto to continue from the newest checkpoint in the run folder", others[0])), err[-4000:]
     # No rank prints a traceback; torchrun's own launcher does, for the failure it reports.
