@@ -15,8 +15,9 @@ torchrun's agent store, or under ``srun`` the TCPStore that rank 0 hosts. A rank
    (which ranks stopped making progress, at which step, in what; what the others wait in), and
    every responding rank exits with :data:`~ddp_train.errors.EXIT_HANG`.
 
-The culprits: the ranks not responding; else the responding ranks that are not waiting for peers
-(e.g. stuck in data loading); else (all waiting: mismatched collectives) the lowest step.
+The culprits (:func:`decide`, a pure function of the two reads): the ranks not responding; else the
+responding ranks that are not waiting for peers (e.g. stuck in data loading); else (all waiting:
+mismatched collectives) the lowest step. :func:`hang_summary` words the line.
 Checkpoints are atomic (written whole or not at all), so the last good one survives the exit; the
 run folder's lock is released before it.
 """
@@ -32,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,98 @@ class Beat:
     @staticmethod
     def decode(raw: bytes) -> Beat:
         return Beat(**json.loads(raw))
+
+
+# The three reasons a rank is named, as the summary line and README.md word them.
+NOT_RESPONDING = "not responding (process stopped, or its node unreachable)"
+NOT_WAITING = "not waiting for other ranks"
+ALL_WAITING = "every rank waits for the others"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Who is stuck, as :func:`decide` found it."""
+
+    responding: tuple[int, ...]  # ascending; the deciding rank is always one of them
+    culprits: tuple[int, ...]  # ascending: the ranks named as having stopped making progress
+    why: str  # NOT_RESPONDING, NOT_WAITING or ALL_WAITING
+
+    @property
+    def reporter(self) -> int:
+        """The rank that prints the summary: the lowest responding one (it is alive to print it)."""
+        return self.responding[0]
+
+    @property
+    def silent(self) -> tuple[int, ...]:
+        """The ranks not responding: whenever there are any, they are the culprits."""
+        return self.culprits if self.why == NOT_RESPONDING else ()
+
+
+def decide(before: Mapping[int, Beat], after: Mapping[int, Beat], world_size: int, me: int) -> Verdict:
+    """Who is stuck, from every rank's heartbeat read twice, a few beats apart (rank -> its beat; a rank
+    that never beat is absent). ``after[me]`` is the deciding rank's own current beat.
+
+    Responding: ``me`` (it runs this code), and each rank whose sequence number moved between the reads
+    (a rank absent from ``before`` has not shown that it moves). The culprits: the ranks not responding;
+    else the ranks busy in their own work (not waiting for peers) while others wait for them; else
+    (every rank waits for the others: mismatched collectives) the ranks at the lowest global step."""
+    responding = tuple(sorted(r for r, b in after.items() if r == me or (r in before and b.seq != before[r].seq)))
+    silent = tuple(r for r in range(world_size) if r not in responding)
+    if silent:
+        return Verdict(responding, silent, NOT_RESPONDING)
+    working = tuple(r for r in responding if not after[r].waiting)
+    if working:
+        return Verdict(responding, working, NOT_WAITING)
+    low = min(after[r].step for r in responding)
+    return Verdict(responding, tuple(r for r in responding if after[r].step == low), ALL_WAITING)
+
+
+def silent_here(verdict: Verdict, beats: Mapping[int, Beat], host: str) -> list[int]:
+    """The ranks not responding whose last heartbeat came from ``host`` (the reporter kills those)."""
+    return [r for r in verdict.silent if r in beats and beats[r].host == host]
+
+
+def phase_words(phase: str, waiting: bool) -> str:
+    """``data loading, waiting for other ranks``: a phase of :data:`~ddp_train.steptime.PHASES`, in words."""
+    return f"{PHASES.get(phase, phase)}{', waiting for other ranks' if waiting else ''}"
+
+
+def beat_words(beat: Beat | None) -> str:
+    """A culprit's last heartbeat, in words."""
+    if beat is None:
+        return "no heartbeat ever"
+    return f"on {beat.host}, last seen at global step {beat.step} in {phase_words(beat.phase, beat.waiting)}"
+
+
+def hang_summary(verdict: Verdict, beats: Mapping[int, Beat], wheres: Mapping[int, str], stalled: float,
+                 timeout_s: float, run_dir: Path, host: str) -> str:
+    """The reporter's line (after ``ddp_train: hang: ``). ``beats``: the second read, with the reporter's
+    own; ``wheres``: where each responding rank's main thread is, as it published it; ``host``: the
+    reporter's, where it killed the silent ranks."""
+    culprits, responding = verdict.culprits, verdict.responding
+    parts = [f"no rank completed a step for {stalled:.0f} s (dist.hang_timeout_s={timeout_s:g}); "
+             f"stopped making progress: " + ", ".join(
+                 f"rank {r} ({beat_words(beats.get(r))})" for r in culprits) + f" - {verdict.why}"]
+    others = [r for r in responding if r not in culprits]
+    if others:
+        parts.append("the others: " + ", ".join(
+            f"rank {r} at global step {beats[r].step} in {wheres.get(r, '?')}" for r in others))
+    parts += [f"rank {r} was in {wheres[r]}" for r in culprits if r in wheres]
+    parts.append(f"stacks: {run_dir / 'hang'}/rank<N>.txt for ranks {', '.join(map(str, responding))}")
+    if silent_here(verdict, beats, host):
+        parts.append("the non-responding ranks on this machine were killed")
+    parts.append(f"the last checkpoint is kept (resume=auto); exit code {EXIT_HANG}")
+    return "; ".join(parts)
+
+
+def store_down_line(rank: int, stalled: float, timeout_s: float, store_addr: tuple[str, int], where: str,
+                    stack_path: Path) -> str:
+    """Each live rank's own line when the store does not answer (no way to agree on a reporter)."""
+    return (f"ddp_train: hang: rank {rank}: no step completed for {stalled:.0f} s "
+            f"(dist.hang_timeout_s={timeout_s:g}) and the rendezvous store at "
+            f"{store_addr[0]}:{store_addr[1]} does not answer: the rank or node hosting it "
+            f"(rank 0 under srun, the first node's torchrun agent) is stuck or gone; this rank was in {where}; "
+            f"stacks: {stack_path}; exit code {EXIT_HANG}")
 
 
 class Watchdog:
@@ -155,27 +249,21 @@ class Watchdog:
         first = self._read_beats()
         self._beat_while(lambda: False, 2 * self.beat_s)  # long enough for every live rank to beat twice
         second = self._read_beats()
-        store_ok = self.store_addr is None or bool(second)
-        second[self.rank] = self._beat()  # this rank's own, whatever the store says
-        responding = sorted(r for r, b in second.items() if r == self.rank or (r in first and b.seq != first[r].seq))
-        if self.rank not in responding:
-            responding = sorted([*responding, self.rank])
+        beats = {**second, self.rank: self._beat()}  # this rank's own, whatever the store says
+        verdict = decide(first, beats, self.world_size, self.rank)
         where = self._dump_stacks(stalled)
         self._store_op(lambda s: s.set(f"{self.prefix}where/{self.rank}", where.encode()))
-        if not store_ok:  # no way to agree on a reporter: each live rank says what it knows
-            print(f"ddp_train: hang: rank {self.rank}: no step completed for {stalled:.0f} s "
-                  f"(dist.hang_timeout_s={self.timeout_s:g}) and the rendezvous store at "
-                  f"{self.store_addr[0]}:{self.store_addr[1]} does not answer: the rank or node hosting it "
-                  f"(rank 0 under srun, the first node's torchrun agent) is stuck or gone; this rank was in {where}; "
-                  f"stacks: {self._stack_path()}; exit code {EXIT_HANG}", file=sys.stderr, flush=True)
+        if self.store_addr is not None and not second:  # no store to agree on a reporter: each rank says what it knows
+            print(store_down_line(self.rank, stalled, self.timeout_s, self.store_addr, where, self._stack_path()),
+                  file=sys.stderr, flush=True)
             _exit_hang()
-        if self.rank == responding[0]:
-            wheres = {**self._gather_wheres(responding), self.rank: where}
-            summary = self._summary(stalled, second, responding, wheres)
+        if self.rank == verdict.reporter:
+            wheres = {**self._gather_wheres(verdict.responding), self.rank: where}
+            summary = hang_summary(verdict, beats, wheres, stalled, self.timeout_s, self.run_dir, self.host)
             status.current().exit(EXIT_HANG, f"hang: {summary}")  # for a launch script deciding on a requeue
             print(f"ddp_train: hang: {summary}", file=sys.stderr, flush=True)
             self._store_op(lambda s: s.set(f"{self.prefix}reported", b"1"))
-            self._kill_frozen_here(second, responding)
+            self._kill_frozen_here(beats, verdict)
         else:  # the reporter prints first: an early exit would make torchrun stop it
             self._beat_while(lambda: bool(self._store_op(lambda s: s.check([f"{self.prefix}reported"]))),
                              6 * self.beat_s + 5)
@@ -191,17 +279,16 @@ class Watchdog:
                 next_beat += self.beat_s
             time.sleep(min(0.2, self.beat_s / 2))
 
-    def _kill_frozen_here(self, beats: dict[int, Beat], responding: list[int]) -> None:
+    def _kill_frozen_here(self, beats: Mapping[int, Beat], verdict: Verdict) -> None:
         """SIGKILL the non-responding ranks on this machine. A stopped process ignores the launcher's SIGTERM
         until it is continued; torchrun would wait 30 s before its own SIGKILL, and the job's end with it."""
-        for rank, beat in beats.items():
-            if rank not in responding and beat.host == self.host:
-                try:
-                    os.kill(beat.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        for rank in silent_here(verdict, beats, self.host):
+            try:
+                os.kill(beats[rank].pid, signal.SIGKILL)
+            except OSError:
+                pass
 
-    def _gather_wheres(self, responding: list[int]) -> dict[int, str]:
+    def _gather_wheres(self, responding: tuple[int, ...]) -> dict[int, str]:
         """Where each responding rank's main thread is, as each published it (waiting up to a few beats)."""
         if self.store_addr is None:
             return {}
@@ -215,52 +302,18 @@ class Watchdog:
 
     def _dump_stacks(self, stalled: float) -> str:
         """Write every thread's stack to ``<run>/hang/rank<N>.txt``; returns where the main thread is, in words."""
-        where = main_thread_location()
+        where, doing = main_thread_location(), phase_words(CLOCK.phase, CLOCK.waiting)
         path = self._stack_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:
                 f.write(f"rank {self.rank} of {self.world_size} on {self.host}, pid {os.getpid()}: no progress for "
-                        f"{stalled:.0f} s at global step {CLOCK.global_step}, in {PHASES.get(CLOCK.phase, CLOCK.phase)}"
-                        f"{', waiting for other ranks' if CLOCK.waiting else ''}; main thread in {where}\n\n")
+                        f"{stalled:.0f} s at global step {CLOCK.global_step}, in {doing}; main thread in {where}\n\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as e:
             where += f" (stacks not written: {e})"
-        return f"{PHASES.get(CLOCK.phase, CLOCK.phase)}{', waiting for other ranks' if CLOCK.waiting else ''}, {where}"
-
-    def _summary(self, stalled: float, beats: dict[int, Beat], responding: list[int], wheres: dict[int, str]) -> str:
-        silent = [r for r in range(self.world_size) if r not in responding]
-        working = [r for r in responding if not beats.get(r, Beat(0, 0, "", True, "", 0)).waiting]
-        if silent:
-            culprits, why = silent, "not responding (process stopped, or its node unreachable)"
-        elif working:
-            culprits, why = working, "not waiting for other ranks"
-        else:
-            low = min(beats[r].step for r in responding)
-            culprits, why = [r for r in responding if beats[r].step == low], "every rank waits for the others"
-        parts = [f"no rank completed a step for {stalled:.0f} s (dist.hang_timeout_s={self.timeout_s:g}); "
-                 f"stopped making progress: " + ", ".join(
-                     f"rank {r} ({self._beat_words(beats.get(r))})" for r in culprits) + f" - {why}"]
-        others = [r for r in responding if r not in culprits]
-        if others:
-            parts.append("the others: " + ", ".join(
-                f"rank {r} at global step {beats[r].step} in {wheres.get(r, '?')}" for r in others))
-        for r in culprits:
-            if r in wheres:
-                parts.append(f"rank {r} was in {wheres[r]}")
-        parts.append(f"stacks: {self.run_dir / 'hang'}/rank<N>.txt for ranks {', '.join(map(str, responding))}")
-        if any(beats[r].host == self.host for r in silent if r in beats):
-            parts.append("the non-responding ranks on this machine were killed")
-        parts.append(f"the last checkpoint is kept (resume=auto); exit code {EXIT_HANG}")
-        return "; ".join(parts)
-
-    @staticmethod
-    def _beat_words(beat: Beat | None) -> str:
-        if beat is None:
-            return "no heartbeat ever"
-        return (f"on {beat.host}, last seen at global step {beat.step} in {PHASES.get(beat.phase, beat.phase)}"
-                f"{', waiting for other ranks' if beat.waiting else ''}")
+        return f"{doing}, {where}"
 
 
 def _exit_hang() -> None:
