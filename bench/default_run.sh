@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Times the README's main command (the default config, 2 ranks) from start to final test metrics,
+# Times the main command of README.md: "Quick start" (the default config, 2 ranks) from start to final test metrics,
 # RUNS times, and prints the figures that go into bench/RESULTS.md, labelled with the CPU kind.
 #
 #   bash bench/default_run.sh [RUNS] [key=value ...]

@@ -176,7 +176,7 @@ def mismatch_message(fingerprints: list[Fingerprint]) -> str | None:
         parts.append(f"{_ranks(ranks)} ({node}): {'; '.join(found[:MAX_ITEMS])}{more}")
     advice = "; ".join(text for kind, text in _ADVICE if kind in kinds)
     return (f"preflight: not every rank runs what rank 0 ({ref.node}) runs: {' | '.join(parts)}. "
-            f"To fix: {advice} (README: Ranks that do not agree)")
+            f"To fix: {advice} (docs/troubleshooting.md: \"Ranks that do not agree (preflight)\")")
 
 
 def check_agreement(cfg: Config, ctx: DistContext, dataset: Dataset) -> None:

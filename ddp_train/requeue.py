@@ -9,7 +9,7 @@ The batch script runs this module twice per attempt::
         -> reads how the attempt ended, decides (:func:`decide`), prints one line, requeues the job
            with ``scontrol requeue`` if that is the decision, and exits with the batch script's code
 
-The rule (README: *Preemption and requeue*): exit 0 finishes; a bad input (exit 2) stops, as the
+The rule (docs/launching.md: "Preemption and requeue"): exit 0 finishes; a bad input (exit 2) stops, as the
 same input would fail again; anything else (a stop signal's 75, a crash, a lost node, the hang
 watchdog) is requeued, unless ``MAX_STALLED_ATTEMPTS`` attempts in a row ended without a checkpoint
 beyond the best global step of the job's earlier attempts (a crash loop). An array task names and

@@ -86,7 +86,7 @@ def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[st
             f"resume: the config differs from the checkpoint's ({path}) in keys that change the training:\n  "
             + "\n  ".join(refused)
             + f"\nresume with the checkpoint's values (drop these overrides), or accept the change with "
-              f"resume_allow={keys} (see the README: Changing a run's config)")
+              f"resume_allow={keys} (see docs/checkpoints-and-resume.md: \"Changing a run's config\")")
     return changing, neutral
 
 

@@ -69,7 +69,8 @@ class Beat:
         return Beat(**json.loads(raw))
 
 
-# The three reasons a rank is named, as the summary line and README.md word them.
+# The three reasons a rank is named, as the summary line words them; explained in
+# docs/troubleshooting.md: "A rank stops making progress (hang watchdog)".
 NOT_RESPONDING = "not responding (process stopped, or its node unreachable)"
 NOT_WAITING = "not waiting for other ranks"
 ALL_WAITING = "every rank waits for the others"

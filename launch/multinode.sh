@@ -14,7 +14,7 @@
 # every node must get the same ones.
 # NNODES may be MIN:MAX (e.g. 1:2, with RDZV_BACKEND=c10d or etcd-v2): an elastic job that goes on
 # when nodes are lost (down to MIN) and takes in nodes that join later (up to MAX), resuming each
-# time from the newest checkpoint with the same global batch (README: Elastic training).
+# time from the newest checkpoint with the same global batch (docs/launching.md: "Elastic training").
 set -euo pipefail
 
 # True when HEAD_ADDR ($1) is a loopback address or localhost. A name that resolves here to loopback

@@ -4,7 +4,7 @@ step over the whole batch.
 The engine runs in real gloo process groups with real DDP (``helpers.spawn``); the ResNets run
 through the real CLI under torchrun. fp64 throughout, so that rounding cannot decide an outcome
 on any CPU. The ResNets normalise each micro-batch (batch norm): there the equalities are the ones
-the README states (Configuration: gradient accumulation); the BN-free model shows the plain one,
+stated in docs/configuration.md: "Gradient accumulation"; the BN-free model shows the plain one,
 micro-batches == the whole batch.
 """
 
@@ -164,7 +164,8 @@ RESNET = [*TINY, "data.synthetic_size=160", "data.augment=true", "train.precisio
 
 
 def _params(run: Path) -> dict[str, torch.Tensor]:
-    """The trained parameters: batch norm's running statistics are left out, they differ (README)."""
+    """The trained parameters: batch norm's running statistics are left out, they differ
+    (docs/configuration.md: "Gradient accumulation")."""
     model = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     return {k: v for k, v in model.items() if "running_" not in k and "num_batches_tracked" not in k}
 

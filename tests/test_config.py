@@ -120,15 +120,17 @@ def test_torchrun_bad_config_exits_2_on_both_ranks_quickly(tmp_path, bad):
 
 
 def test_readme_key_table_is_the_generated_one():
-    """The README's key table is made from the field docs; edit those, then run python -m ddp_train.config README.md."""
+    """The key table in docs/configuration.md is made from the field docs; edit those, then run
+    python -m ddp_train.config docs/configuration.md."""
     import dataclasses
     from pathlib import Path
 
     from ddp_train.config import README_END, README_START, SECTIONS, key_table
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     table = readme[readme.index(README_START) + len(README_START):readme.index(README_END)].strip()
-    assert table == key_table(), "README key table is stale: run python -m ddp_train.config README.md"
+    assert table == key_table(), ("the key table in docs/configuration.md is stale: "
+                                  "run python -m ddp_train.config docs/configuration.md")
     keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     keys += [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == keys

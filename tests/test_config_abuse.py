@@ -17,7 +17,7 @@ from ddp_train.config import ConfigError, load_config
 from .helpers import ROOT, TINY, assert_ok, clean_env, run_cli
 
 PREFIX = "ddp_train: error: "
-MAX_CONFIG_BYTES = 2**20  # the documented limit (README, Configuration): 1 MiB
+MAX_CONFIG_BYTES = 2**20  # the documented limit (docs/configuration.md: "The file, its keys and paths"): 1 MiB
 
 
 def error_lines(res: subprocess.CompletedProcess) -> list[str]:

@@ -142,7 +142,8 @@ def test_the_line_for_a_rank_that_never_beat_and_for_every_rank_waiting():
 
 
 def test_the_readme_example_line_is_what_the_reporter_writes():
-    example = next(line for line in (ROOT / "README.md").read_text().splitlines()
+    # The example in docs/troubleshooting.md: "A rank stops making progress (hang watchdog)".
+    example = next(line for line in (ROOT / "docs" / "troubleshooting.md").read_text().splitlines()
                    if line.startswith("ddp_train: hang: no rank completed"))
     beats = {0: beat(30, step=7), 1: beat(30, step=7, phase="data", waiting=False)}
     wheres = {0: "compute (forward, backward, optimizer step), waiting for other ranks, "
