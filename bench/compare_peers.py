@@ -12,6 +12,8 @@ one-cycle lr up to 0.2 (momentum not cycled), no augmentation, E epochs, the tes
   defaults (SyncBN, 2 loader workers, per-epoch validation on the 12,000 held-out samples,
   checkpoints, TensorBoard, the best weights tested);
 - ddp_nosync: the same with ``model.sync_bn=false``;
+- ddp_loader (only with ``--only``): ddp_nosync on its DataLoader path (``data.device_resident=false``,
+  2 loader workers), to compare the CPU-seconds its loader path costs with the plain script's;
 - plain: bench/peers/plain_ddp.py, a plain DDP script as PyTorch's tutorial teaches (plain BN);
 - lightning: bench/peers/lightning_fit.py, PyTorch Lightning 2.x with its defaults (plain BN;
   Lightning's SyncBN refuses CPU tensors). Lightning is the optional extra ``bench``.
@@ -20,7 +22,9 @@ Each round runs every selected system once, in an order rotated by one each roun
 the machine's load falls on all of them. A wall clock runs from the command's start to its exit;
 "start s" is from the command's start to the line each prints when its training loop begins
 (ddp_train's ``run ...`` header, the peers' ``train | ...``). The ratio is a system's median wall
-clock over the fastest peer's (plain or Lightning): below 1 is faster than the peer.
+clock over the fastest peer's (plain or Lightning): below 1 is faster than the peer. "CPU s" is the
+user + system CPU time of the command and every process it started (ranks, loader workers), from the
+kernel's accounting of waited-for children.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,10 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("ddp_sync", "ddp_nosync", "plain", "lightning")
+SYSTEMS = ("ddp_sync", "ddp_nosync", "plain", "lightning", "ddp_loader")
+DEFAULT = ("ddp_sync", "ddp_nosync", "plain", "lightning")
 PEERS = ("plain", "lightning")
 LABELS = {"ddp_sync": "ddp_train (SyncBN, default)", "ddp_nosync": "ddp_train model.sync_bn=false",
-          "plain": "plain DDP script", "lightning": "PyTorch Lightning"}
+          "plain": "plain DDP script", "lightning": "PyTorch Lightning",
+          "ddp_loader": "ddp_train sync_bn=false device_resident=false"}
 START_LINE = {"ddp": re.compile(r"^run .* \| torchrun x\d+ on "), "peer": re.compile(r"^train \| ")}
 TEST_LINE = re.compile(r"^test \|.*\bacc ([0-9.]+)")
 TINY_SUBSET = 1000  # --tiny: the first 1000 train (800 after the split) and test samples, 1 epoch
@@ -65,6 +72,7 @@ class Outcome:
     label: str
     command: list[str]
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # CPU seconds of the command and all it started
     starts: list[float | None] = field(default_factory=list)
     start_lines: list[str | None] = field(default_factory=list)  # ddp_train's header names its data path
     test_acc: list[float | None] = field(default_factory=list)
@@ -84,7 +92,8 @@ def command(name: str, work: Work, out: Path) -> list[str]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     if name.startswith("ddp"):
         return [*torchrun, "-m", "ddp_train", *ddp_train_overrides(work),
-                *(["model.sync_bn=false"] if name == "ddp_nosync" else []), f"out_dir={out}", f"run_name={name}"]
+                *(["model.sync_bn=false"] if name in ("ddp_nosync", "ddp_loader") else []),
+                *(["data.device_resident=false"] if name == "ddp_loader" else []), f"out_dir={out}", f"run_name={name}"]
     script = ROOT / "bench" / "peers" / ("plain_ddp.py" if name == "plain" else "lightning_fit.py")
     return [*torchrun, str(script), "--epochs", str(work.epochs), "--precision", work.precision,
             *(["--subset", str(work.subset)] if work.subset else []),
@@ -100,8 +109,15 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_once(cmd: list[str], kind: str, log: Path | None) -> tuple[float, float | None, float | None, int, list[str]]:
-    """Run ``cmd`` to its exit: (wall s, start s or None, test accuracy or None, exit code, its output lines)."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(cmd: list[str], kind: str, log: Path | None) -> tuple[float, float, float | None, float | None, int,
+                                                                   list[str]]:
+    """Run ``cmd`` to its exit: (wall s, CPU s, start s or None, test accuracy or None, exit code, its output lines)."""
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -115,9 +131,10 @@ def run_once(cmd: list[str], kind: str, log: Path | None) -> tuple[float, float 
         lines.append(line)
     code = proc.wait()
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu_before
     if log is not None:
         log.write_text("\n".join(lines) + "\n")
-    return wall, started, acc, code, lines
+    return wall, cpu, started, acc, code, lines
 
 
 def cpu_kind() -> str:
@@ -155,14 +172,16 @@ def run_rounds(names: list[str], work: Work, rounds: int, logs: Path | None) -> 
                 outcome = outcomes.setdefault(name, Outcome(LABELS[name], cmd))
                 log = logs / f"{name}-r{r + 1}.log" if logs else None
                 kind = "ddp" if name.startswith("ddp") else "peer"
-                wall, started, acc, code, lines = run_once(cmd, kind, log)
-                print(f"round {r + 1}: {name} {wall:.1f} s, test acc {acc}, exit {code}", file=sys.stderr, flush=True)
+                wall, cpu, started, acc, code, lines = run_once(cmd, kind, log)
+                print(f"round {r + 1}: {name} {wall:.1f} s ({cpu:.1f} CPU s), test acc {acc}, exit {code}",
+                      file=sys.stderr, flush=True)
                 if code != 0 or acc is None:
                     why = f"exit {code}" if code != 0 else "no test accuracy in its output"
                     outcome.failures.append(f"round {r + 1}: {why}")
                     tail = "\n".join(lines[-25:])
                     print(f"{name} failed in round {r + 1} ({why}); its last lines:\n{tail}", file=sys.stderr)
                 outcome.walls.append(wall)
+                outcome.cpus.append(cpu)
                 outcome.starts.append(started)
                 outcome.start_lines.append(next((x for x in lines if START_LINE[kind].search(x)), None))
                 outcome.test_acc.append(acc)
@@ -178,11 +197,11 @@ def table(outcomes: dict[str, Outcome], rounds: int) -> str:
     """The results: wall clock of each round, median, start-up, ratio to the fastest peer, test accuracy."""
     peers = [median(o.walls) for n, o in outcomes.items() if n in PEERS and not o.failures]
     fastest = min((p for p in peers if p is not None), default=None)
-    rows = [["system", *[f"round {r + 1} s" for r in range(rounds)], "median s", "start s",
+    rows = [["system", *[f"round {r + 1} s" for r in range(rounds)], "median s", "CPU s", "start s",
              "x fastest peer", "test acc"]]
     for o in outcomes.values():
         wall, start, acc = median(o.walls), median(o.starts), median(o.test_acc)
-        rows.append([o.label, *[f"{w:.1f}" for w in o.walls], f"{wall:.1f}",
+        rows.append([o.label, *[f"{w:.1f}" for w in o.walls], f"{wall:.1f}", f"{median(o.cpus):.1f}",
                      "-" if start is None else f"{start:.1f}",
                      "-" if fastest is None or o.failures else f"{wall / fastest:.2f}",
                      "FAILED" if o.failures else f"{acc:.4f}"])
@@ -196,7 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of every run (default 2)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; each runs every system once (default 1)")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated systems of {', '.join(SYSTEMS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT),
+                        help=f"comma-separated systems of {', '.join(SYSTEMS)} (default: all but ddp_loader)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"a check, not a benchmark: the first {TINY_SUBSET} samples, 1 epoch")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast of every run")
