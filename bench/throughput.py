@@ -26,9 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddp_train.config import load_config, validate_for_world
 from ddp_train.data import build_data, load_dataset
 from ddp_train.distributed import detect_launch, environ, init_distributed, shutdown
-from ddp_train.engine import Batcher, autocast_dtype, grad_scaler, precision_name, train_one_epoch, train_step
+from ddp_train.engine import (Batcher, StepOptions, autocast_dtype, grad_scaler, precision_name, train_one_epoch,
+                              train_step)
+from ddp_train.learner import Learner, build_training_model
 from ddp_train.optim import Schedule, build_optimizer
-from ddp_train.learner import build_training_model
 
 
 def sync(device: torch.device) -> None:
@@ -79,12 +80,13 @@ def main() -> None:
 
         scaler = grad_scaler(ctx.device, amp)
         schedule = Schedule(optimizer, cfg.train, len(data.train))
+        learner = Learner(model, model_without_ddp, optimizer, schedule, scaler, amp, batcher)
+        options = StepOptions(amp, scaler=scaler)  # no label smoothing, no accumulation: as before
 
         def loop(steps: int) -> float:
             """img/s of ``steps`` steps of ddp_train's own training loop (no host sync inside it)."""
             data.sampler.set_epoch(0)
-            result = train_one_epoch(model, data.train, optimizer, schedule, ctx, batcher, amp, scaler=scaler,
-                                     progress=lambda it: itertools.islice(it, steps))
+            result = train_one_epoch(learner, data.train, ctx, options, progress=lambda it: itertools.islice(it, steps))
             return result.img_per_s
 
         # FLOPs of one forward + backward on this rank's batch, counted on the plain module (not
@@ -111,7 +113,7 @@ def main() -> None:
             images, labels = batcher(*next(it))
             sync(ctx.device)
             t1 = time.perf_counter()
-            train_step(model, images, labels, optimizer, amp, scaler=scaler)
+            train_step(model, images, labels, optimizer, options)
             sync(ctx.device)
             data_s += t1 - t0
             compute_s += time.perf_counter() - t1

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,8 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import DistContext
-from .optim import Schedule
 from .steptime import CLOCK
+
+if TYPE_CHECKING:  # learner.py imports this module
+    from .learner import Learner
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -115,18 +118,37 @@ class TrainResult:
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How each optimizer step runs: these travel together from the config and the learner to every step."""
+
+    amp_dtype: torch.dtype | None  # autocast's dtype (None: no autocast)
+    label_smoothing: float = 0.0
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (None or disabled: no scaling)
+    micro_batch_size: int | None = None  # gradient accumulation (None: the whole batch at once)
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where :func:`train_one_epoch` starts: a fresh epoch, or a resumed one at ``step`` with this rank's
+    running sums ``partial`` (loss sum, samples) of the steps already taken."""
+
+    step: int = 0
+    partial: tuple[float, int] = (0.0, 0)
+
+
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               amp_dtype: torch.dtype | None, label_smoothing: float = 0.0,
-               scaler: torch.amp.GradScaler | None = None, micro_batch_size: int | None = None) -> torch.Tensor:
+               options: StepOptions) -> torch.Tensor:
     """Forward, backward and optimizer step on one batch already on the device; returns the batch's mean loss.
 
-    With ``micro_batch_size`` the batch runs as several forward-backward passes (:func:`micro_batches`)
+    With ``options.micro_batch_size`` the batch runs as several forward-backward passes (:func:`micro_batches`)
     whose gradients add up to the whole batch's: each micro-batch's mean loss is weighted by its share
     of the batch. Only the last backward all-reduces (DDP's ``no_sync`` around the others).
     """
+    amp_dtype, label_smoothing, scaler = options.amp_dtype, options.label_smoothing, options.scaler
     optimizer.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
-    parts = micro_batches(images, labels, micro_batch_size)
+    parts = micro_batches(images, labels, options.micro_batch_size)
     shares = []  # each micro-batch's loss times its share of the batch: their sum is the batch's loss
     for i, (x, y) in enumerate(parts):
         last = i == len(parts) - 1
@@ -180,35 +202,30 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
+    learner: Learner,
+    loader: DataLoader | Iterable,
     ctx: DistContext,
-    batcher: Batcher,
-    amp_dtype: torch.dtype | None,
-    label_smoothing: float = 0.0,
-    scaler: torch.amp.GradScaler | None = None,
+    options: StepOptions,
     on_step: StepHook | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
-    start_step: int = 0,
-    start_partial: tuple[float, int] = (0.0, 0),
-    micro_batch_size: int | None = None,
+    start: EpochStart = EpochStart(),
 ) -> TrainResult:
-    """One pass over this rank's shard (from ``start_step`` when resuming mid-epoch).
+    """One pass over this rank's shard with the learner's model, optimizer, schedule and batcher (from
+    ``start.step`` when resuming mid-epoch); each step runs with ``options`` (precision, loss scaler,
+    label smoothing, micro-batches), not with the learner's own ``amp_dtype`` and ``scaler``.
 
     ``on_step(steps_done, loss, loss_sum, samples)`` runs on every rank after each optimizer
     step, with this rank's running sums (what a mid-epoch checkpoint must keep). Losses are
-    summed on the device; the host reads them once, at the end (no per-step sync). Each step
-    accumulates gradients over micro-batches of ``micro_batch_size`` (None: the whole batch at once).
+    summed on the device; the host reads them once, at the end (no per-step sync).
     """
+    model, optimizer, schedule, batcher = learner.model, learner.optimizer, learner.schedule, learner.batcher
     model.train()
-    loss_sum = torch.tensor(start_partial[0], device=ctx.device, dtype=torch.float64)
-    samples = start_partial[1]
+    loss_sum = torch.tensor(start.partial[0], device=ctx.device, dtype=torch.float64)
+    samples = start.partial[1]
     new_samples = 0
-    steps = start_step
+    steps = start.step
     dtype = input_dtype(model)
-    start = time.perf_counter()
+    began = time.perf_counter()
     batches = iter(progress(loader))
     while True:
         with CLOCK.phase_of("data"):  # what the straggler report calls data: waiting for the next batch
@@ -217,8 +234,7 @@ def train_one_epoch(
             break
         with CLOCK.phase_of("compute"):
             images, labels = batcher(*batch, dtype)
-            loss = train_step(model, images, labels, optimizer, amp_dtype, label_smoothing, scaler,
-                              micro_batch_size)
+            loss = train_step(model, images, labels, optimizer, options)
             schedule.step_batch()
             loss_sum += loss.detach().double() * labels.numel()
         samples += labels.numel()
@@ -229,7 +245,7 @@ def train_one_epoch(
     totals = ctx.all_reduce_sum(torch.stack([
         loss_sum, torch.tensor(float(samples), device=ctx.device, dtype=torch.float64),
         torch.tensor(float(new_samples), device=ctx.device, dtype=torch.float64)]))
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     global_samples = int(totals[1].item())
     return TrainResult(float(totals[0].item()) / max(global_samples, 1), global_samples, seconds,
                        int(totals[2].item()))

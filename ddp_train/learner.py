@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import Config
 from .data import Dataset
 from .distributed import DistContext
-from .engine import Batcher, autocast_dtype, grad_scaler, param_dtype
+from .engine import Batcher, StepOptions, autocast_dtype, grad_scaler, param_dtype
 from .models import build_model
 from .optim import Schedule, build_optimizer
 from .seeding import rank_seed, seed_all
@@ -36,6 +36,10 @@ class Learner:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     batcher: Batcher
+
+    def step_options(self, cfg: Config) -> StepOptions:
+        """How :func:`~ddp_train.engine.train_step` runs for this learner under ``cfg.train``."""
+        return StepOptions(self.amp_dtype, cfg.train.label_smoothing, self.scaler, cfg.train.micro_batch_size)
 
 
 def build_learner(cfg: Config, ctx: DistContext, dataset: Dataset, steps_per_epoch: int,

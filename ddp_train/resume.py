@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,10 @@ from .config import Config, ConfigError, allowed_changes, diff_configs
 from .distributed import DistContext
 from .optim import Schedule, build_optimizer
 from .runrecord import check_same_run
+
+if TYPE_CHECKING:  # only for annotations: importing them here would load the models and data at import
+    from .data import Dataset
+    from .learner import Learner
 
 # Config keys whose change, once accepted with resume_allow, rebuilds the schedule at the resumed step.
 SCHEDULE_KEYS = ("train.epochs", "train.lr", "train.scheduler", "train.lr_period", "train.lr_decay",
@@ -90,11 +94,12 @@ def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[st
     return changing, neutral
 
 
-def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, classes: list[str], channels: int,
+def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, dataset: Dataset,
               model: nn.Module, optimizer: torch.optim.Optimizer, fresh_optimizer: bool) -> None:
     """Raise CheckpointError (one line) when the checkpoint cannot be loaded into the configured run."""
     from .weights import describe_mismatch
 
+    classes, channels = dataset.classes, dataset.channels
     what = f"resume: {path} does not fit the configured run"
     saved = ckpt["dataset"]
     if list(saved.get("classes", [])) != list(classes):
@@ -141,18 +146,19 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> set[str]:
     return set()
 
 
-def restore(ckpt: dict[str, Any], path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-            schedule: Schedule, scaler: torch.amp.GradScaler, classes: list[str], channels: int,
+def restore(ckpt: dict[str, Any], path: Path, cfg: Config, learner: Learner, dataset: Dataset,
             steps_per_epoch: int) -> tuple[Schedule, list[str]]:
-    """Check, then load the checkpoint into model, optimizer, schedule and scaler.
+    """Check, then load the checkpoint into the learner's bare model, optimizer, schedule and scaler.
 
-    Returns the schedule to use (rebuilt when an accepted change touches it) and the lines to
-    log. Raises ConfigError/CheckpointError, with nothing loaded that matters (the caller stops).
+    Returns the schedule to use (rebuilt when an accepted change touches it; ``learner.schedule`` is
+    left for the caller to replace) and the lines to log. Raises ConfigError/CheckpointError, with
+    nothing loaded that matters (the caller stops).
     """
+    model, optimizer, schedule, scaler = learner.model_without_ddp, learner.optimizer, learner.schedule, learner.scaler
     changing, neutral = check_config(ckpt, path, cfg)
     changed = {c.split(":", 1)[0] for c in changing}
     fresh_optimizer = "train.optimizer" in changed
-    check_fit(ckpt, path, cfg, classes, channels, model, optimizer, fresh_optimizer)
+    check_fit(ckpt, path, cfg, dataset, model, optimizer, fresh_optimizer)
     saved_spe = ckpt.get("steps_per_epoch", steps_per_epoch)
     if saved_spe != steps_per_epoch and ckpt["step_in_epoch"]:
         raise CheckpointError(f"resume: the accepted changes make {steps_per_epoch} steps per epoch instead of "

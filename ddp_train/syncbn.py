@@ -21,6 +21,7 @@ Parameter and buffer names match ``nn.BatchNorm2d`` so state dicts load into a p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,11 +51,22 @@ def _all_reduce(sums: torch.Tensor, group: Any, shm: LocalGroup | None) -> torch
         return sums
 
 
+@dataclass(frozen=True)
+class _SyncSettings:
+    """The non-tensor inputs of one synchronised batch norm: the layer's constants and where to gather."""
+
+    momentum: float
+    eps: float
+    group: Any  # the process group (None: the default one)
+    shm: LocalGroup | None  # the shared-memory shortcut, when every rank is on one machine
+
+
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
-                eps: float, group: Any, shm: LocalGroup | None) -> torch.Tensor:
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                settings: _SyncSettings) -> torch.Tensor:
+        momentum, eps, group, shm = settings.momentum, settings.eps, settings.group, settings.shm
         c = x.size(1)
         # Statistics in fp32 for bf16/fp16/fp32 input, fp64 for fp64. The scratch buffers' dtype selects
         # the kernel (fp32 statistics for bf16 input); momentum 0 leaves them alone.
@@ -103,7 +115,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         # Parameter gradients stay local: DDP averages them over ranks like any other.
         grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -128,9 +140,10 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)  # type: ignore[operator,union-attr]
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         running = self.track_running_stats
+        settings = _SyncSettings(momentum, self.eps, self.process_group,
+                                 self.shm if self.process_group is None else None)
         return _SyncBatchNormFn.apply(x, self.weight, self.bias, self.running_mean if running else None,
-                                      self.running_var if running else None, momentum, self.eps, self.process_group,
-                                      self.shm if self.process_group is None else None)
+                                      self.running_var if running else None, settings)
 
     @classmethod
     def convert(cls, module: nn.Module, process_group: Any = None, shm: LocalGroup | None = None) -> nn.Module:

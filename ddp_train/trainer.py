@@ -22,7 +22,7 @@ from .checkpoint import Checkpointer, branch_for_resume, find_weights_at, step_f
 from .config import Config, dump_yaml, flat_keys
 from .data import DataBundle, Dataset, build_data, load_dataset_agreed
 from .distributed import DistContext
-from .engine import TrainResult, evaluate, precision_name, train_one_epoch
+from .engine import EpochStart, TrainResult, evaluate, precision_name, train_one_epoch
 from .learner import Learner, build_learner
 from .preflight import check_agreement
 from .resume import load_resume_checkpoint, restore
@@ -109,7 +109,7 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     state, partial, lines = TrainState(steps_per_epoch), (0.0, 0), []
     if ckpt is not None:
         # Checked on every rank before anything is written: a refused resume leaves config.yaml as it was.
-        state, partial, lines = continue_from(ckpt, resumed_from, cfg, ctx, learner, dataset, steps_per_epoch, run_dir)
+        state, partial, lines = continue_from(ckpt, resumed_from, cfg, ctx, learner, data, run_dir)
     state.run_id = write_run_config(cfg, ctx, run_dir, None if ckpt is None else (resumed_from, ckpt))
     tracker = open_tracker(cfg, ctx, run_dir, data, learner, state, None if ckpt is None else ckpt["global_step"])
     for line in lines:
@@ -119,17 +119,16 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
                tracker, partial, resumed_from)
 
 
-def continue_from(ckpt: dict[str, Any], path: Path, cfg: Config, ctx: DistContext, learner: Learner, dataset: Dataset,
-                  steps_per_epoch: int, run_dir: Path) -> tuple[TrainState, tuple[float, int], list[str]]:
+def continue_from(ckpt: dict[str, Any], path: Path, cfg: Config, ctx: DistContext, learner: Learner, data: DataBundle,
+                  run_dir: Path) -> tuple[TrainState, tuple[float, int], list[str]]:
     """Load the checkpoint into ``learner`` (every rank agreeing that it fits) and into a new state.
 
     Returns the state, this rank's running sums of the interrupted epoch and the lines to log
     (accepted config changes, then where the run resumes). An accepted config change that alters
     the schedule replaces ``learner.schedule``.
     """
-    learner.schedule, lines = ctx.run_agreed(restore, ckpt, path, cfg, learner.model_without_ddp, learner.optimizer,
-                                             learner.schedule, learner.scaler, dataset.classes, dataset.channels,
-                                             steps_per_epoch)
+    steps_per_epoch = len(data.train)
+    learner.schedule, lines = ctx.run_agreed(restore, ckpt, path, cfg, learner, data.dataset, steps_per_epoch)
     state = TrainState(steps_per_epoch)
     state.load_state_dict(ckpt)
     state.steps_per_epoch = steps_per_epoch  # this run's: restore() accepts another one only at an epoch end
@@ -280,10 +279,8 @@ def train_epoch(cfg: Config, ctx: DistContext, run: Run, on_step: StepHook, part
     run.data.sampler.skip = state.step_in_epoch * (cfg.train.batch_size // ctx.world_size)
     progress = functools.partial(run.tracker.progress, total=len(loader),
                                  desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}")
-    return train_one_epoch(learner.model, loader, learner.optimizer, learner.schedule, ctx, learner.batcher,
-                           learner.amp_dtype, cfg.train.label_smoothing, learner.scaler, on_step, progress,
-                           start_step=state.step_in_epoch, start_partial=partial,
-                           micro_batch_size=cfg.train.micro_batch_size)
+    return train_one_epoch(learner, loader, ctx, learner.step_options(cfg), on_step, progress,
+                           EpochStart(state.step_in_epoch, partial))
 
 
 # --------------------------------------------------------------------------- finish

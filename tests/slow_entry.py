@@ -59,9 +59,9 @@ def _pin_threads() -> None:
     os.sched_setaffinity(0, {RANK % os.cpu_count()})  # 0: the calling (main) thread
 
 
-def _patched(model, loader, *args, **kwargs):
+def _patched(learner, loader, *args, **kwargs):
     wrap = AFFECTED or os.environ.get("PIN_RANKS") == "1"
-    return _real_train_one_epoch(model, _SlowLoader(loader) if wrap else loader, *args, **kwargs)
+    return _real_train_one_epoch(learner, _SlowLoader(loader) if wrap else loader, *args, **kwargs)
 
 
 trainer.train_one_epoch = _patched

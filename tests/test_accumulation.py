@@ -19,7 +19,8 @@ from torch import nn
 
 from ddp_train.config import ConfigError, load_config, validate_for_world
 from ddp_train.distributed import DistContext
-from ddp_train.engine import Batcher, grad_scaler, train_one_epoch
+from ddp_train.engine import Batcher, StepOptions, grad_scaler, train_one_epoch
+from ddp_train.learner import Learner
 from ddp_train.optim import Schedule
 
 from .helpers import TINY, assert_ok, run_cli, spawn
@@ -62,9 +63,10 @@ def _train(rank: int, world: int, micro: int | None) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctx = DistContext("torchrun" if world > 1 else "single", rank, rank, world, torch.device("cpu"), "gloo")
     logged: list[float] = []
-    result = train_one_epoch(model, batches, optimizer, Schedule(optimizer, cfg.train, STEPS), ctx,
-                             Batcher(ctx.device, False), torch.float64,
-                             on_step=lambda done, loss, loss_sum, n: logged.append(float(loss)), micro_batch_size=micro)
+    learner = Learner(model, bare, optimizer, Schedule(optimizer, cfg.train, STEPS), grad_scaler(ctx.device, None),
+                      torch.float64, Batcher(ctx.device, False))
+    result = train_one_epoch(learner, batches, ctx, StepOptions(torch.float64, micro_batch_size=micro),
+                             on_step=lambda done, loss, loss_sum, n: logged.append(float(loss)))
     return {"weights": {k: v.clone() for k, v in bare.state_dict().items()}, "loss": result.loss, "logged": logged,
             "allreduces": allreduces[0]}
 
@@ -108,8 +110,9 @@ def test_fp16_scaler_with_accumulation_skips_overflow_and_steps_like_the_whole_b
         model = model or _copy(start)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = scaler or grad_scaler(ctx.device, torch.float16)
-        result = train_one_epoch(model, batches, optimizer, Schedule(optimizer, cfg.train, 1), ctx,
-                                 Batcher(ctx.device, False), torch.float16, scaler=scaler, micro_batch_size=micro)
+        learner = Learner(model, model, optimizer, Schedule(optimizer, cfg.train, 1), scaler, torch.float16,
+                          Batcher(ctx.device, False))
+        result = train_one_epoch(learner, batches, ctx, StepOptions(torch.float16, scaler=scaler, micro_batch_size=micro))
         return model, scaler, result
 
     # Inputs this large overflow fp16 in one micro-batch's backward: the whole step is skipped.

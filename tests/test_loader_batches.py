@@ -10,6 +10,7 @@ import torch
 from ddp_train.config import load_config
 from ddp_train.data import build_splits, load_dataset
 from ddp_train.data.loaders import eval_loader, sample_seed, train_loader
+from ddp_train.distributed import DistContext
 from ddp_train.data.transforms import Sample, collate, eval_transform, normalise_batch, train_transform
 
 CPU = torch.device("cpu")
@@ -34,7 +35,8 @@ def _reference(split, keys, transform) -> torch.Tensor:
 
 def _check_training_batches(crop: str, cutout: str, workers: int) -> None:
     cfg, d, (train, _, _) = _splits(f"data.crop={crop}", f"data.cutout={cutout}")
-    loader = train_loader(train, 8, 1, 2, cfg.train.seed, workers, False, (d.mean, d.std, CPU))
+    rank_1_of_2 = DistContext("torchrun", 1, 1, 2, CPU)  # only its rank and world size are read
+    loader = train_loader(train, 8, rank_1_of_2, cfg.train.seed, workers, False, (d.mean, d.std, CPU))
     loader.sampler.set_epoch(3)
     keys = list(loader.sampler)
     per_sample = train_transform(d.image_size, d.mean, d.std, True, crop, cfg.data.crop_padding,

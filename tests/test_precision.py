@@ -10,7 +10,8 @@ from torch import nn
 
 from ddp_train.config import load_config
 from ddp_train.distributed import DistContext
-from ddp_train.engine import Batcher, grad_scaler, train_one_epoch
+from ddp_train.engine import Batcher, StepOptions, grad_scaler, train_one_epoch
+from ddp_train.learner import Learner
 from ddp_train.optim import Schedule
 
 from .helpers import TINY, assert_ok, rel_diff, run_cli
@@ -40,12 +41,14 @@ def test_fp16_scaler_skips_overflowing_steps_and_keeps_its_state():
     # Inputs this large overflow fp16 in the backward pass of the scaled loss: the step is skipped.
     batches = [(x * 6e4, y)]
     before = [p.detach().clone() for p in model.parameters()]
-    train_one_epoch(model, batches, optimizer, Schedule(optimizer, cfg.train, 1), ctx, Batcher(ctx.device, False),
-                    torch.float16, scaler=scaler)
+    options = StepOptions(torch.float16, scaler=scaler)
+    learner = Learner(model, model, optimizer, Schedule(optimizer, cfg.train, 1), scaler, torch.float16,
+                      Batcher(ctx.device, False))
+    train_one_epoch(learner, batches, ctx, options)
     assert scaler.get_scale() == 2.0**15  # backed off from 2**16
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    train_one_epoch(model, [(x, y)], optimizer, Schedule(optimizer, cfg.train, 1), ctx, Batcher(ctx.device, False),
-                    torch.float16, scaler=scaler)
+    learner.schedule = Schedule(optimizer, cfg.train, 1)  # a new one, as before: one step per epoch
+    train_one_epoch(learner, [(x, y)], ctx, options)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a finite step is taken
     restored = grad_scaler(ctx.device, torch.float16)
     restored.load_state_dict(scaler.state_dict())  # what a checkpoint's "scaler" entry restores

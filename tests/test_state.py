@@ -13,7 +13,8 @@ from ddp_train.checkpoint import FORMAT, CheckpointError, atomic_save, try_load
 from ddp_train.config import load_config
 from ddp_train.data import load_dataset
 from ddp_train.distributed import DistContext
-from ddp_train.engine import grad_scaler, train_step
+from ddp_train.engine import Batcher, StepOptions, grad_scaler, train_step
+from ddp_train.learner import Learner
 from ddp_train.models import build_model
 from ddp_train.optim import Schedule, build_optimizer
 from ddp_train.resume import restore
@@ -37,7 +38,7 @@ def _parts(cfg, seed: int, steps_per_epoch: int):
 
 
 def _step(model, optimizer, schedule, batch) -> None:
-    train_step(model, *batch, optimizer, None)
+    train_step(model, *batch, optimizer, StepOptions(None))
     schedule.step_batch()
 
 
@@ -68,8 +69,8 @@ def test_a_checkpoint_restores_into_fresh_objects(tmp_path):
     assert loaded["dataset"]["classes"] == dataset.classes and loaded["config"] == cfg.to_dict()
 
     fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler = _parts(cfg, 2, steps_per_epoch)
-    fresh_schedule, lines = restore(loaded, path, cfg, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler,
-                                    dataset.classes, dataset.channels, steps_per_epoch)
+    fresh = Learner(fresh_model, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler, None, Batcher(CPU.device, False))
+    fresh_schedule, lines = restore(loaded, path, cfg, fresh, dataset, steps_per_epoch)
     assert lines == []
     fresh_state = TrainState(steps_per_epoch)
     fresh_state.load_state_dict(loaded)

@@ -119,7 +119,7 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
                           f"batch; lower train.batch_size or raise data.subset")
     resident, why = use_device_resident(dataset, cfg, ctx.device)
     if resident:
-        return _resident(dataset, cfg, ctx, train, valid, test, per_rank, why)
+        return _resident(dataset, cfg, ctx, (train, valid, test), per_rank, why)
     pin = ctx.device.type == "cuda"
     workers = cfg.data.num_workers
     # In-memory evaluation needs only a float conversion; worker processes would cost more than they save.
@@ -127,15 +127,17 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     stats = (dataset.mean, dataset.std, ctx.device)
     return DataBundle(
         dataset,
-        train_loader(train, per_rank, ctx.rank, ctx.world_size, cfg.train.seed, workers, pin, stats),
+        train_loader(train, per_rank, ctx, cfg.train.seed, workers, pin, stats),
         eval_loader(valid, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats),
         eval_loader(test, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats) if test is not None else None,
         input_path=why,
     )
 
 
-def _resident(dataset: Dataset, cfg: Config, ctx: DistContext, train: SplitDataset, valid: SplitDataset,
-              test: SplitDataset | None, per_rank: int, why: str) -> DataBundle:
+def _resident(dataset: Dataset, cfg: Config, ctx: DistContext,
+              splits: tuple[SplitDataset, SplitDataset, SplitDataset | None], per_rank: int, why: str) -> DataBundle:
+    """The device-resident bundle over ``splits`` (train, valid, test) as :func:`build_splits` makes them."""
+    train, valid, test = splits
     stores: dict[int, DeviceImages] = {}  # one device copy per source (train and valid share one)
 
     def store(split: SplitDataset) -> DeviceImages:

@@ -19,6 +19,7 @@ import multiprocessing.util
 import random
 import signal
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .datasets import Source
 from .transforms import Transform, collate, normalise_batch
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
 
 
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,9 +200,11 @@ class Normalised:
 Stats = tuple[tuple[float, ...], tuple[float, ...], torch.device]  # mean, std and the device batches go to
 
 
-def train_loader(ds: SplitDataset, per_rank_batch: int, rank: int, world_size: int, seed: int,
+def train_loader(ds: SplitDataset, per_rank_batch: int, ctx: DistContext, seed: int,
                  num_workers: int, pin_memory: bool, stats: Stats) -> Normalised:
-    """Shuffled, sharded, full batches only; call ``loader.sampler.set_epoch(e)`` every epoch."""
+    """Shuffled, sharded (``ctx.rank``'s shard of ``ctx.world_size``), full batches only; call
+    ``loader.sampler.set_epoch(e)`` every epoch."""
+    rank, world_size = ctx.rank, ctx.world_size
     sampler = EpochDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return Normalised(DataLoader(
         ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
