@@ -66,14 +66,9 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], augm
         return eval_transform(mean, std)
     from torchvision.transforms import v2
 
-    if crop == "resized":
-        cropping = [v2.Resize(round(size * 1.25), antialias=True),
-                    v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
-    else:
-        cropping = [v2.RandomCrop(size, padding=padding)]
     side = cutout_side(size, cutout)
     return v2.Compose([
-        *cropping,
+        *_cropping(size, crop, padding),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
@@ -120,13 +115,19 @@ def sample_transform(size: int, augment: bool, crop: str = "resized", padding: i
         return None
     from torchvision.transforms import v2
 
-    if crop == "resized":
-        cropping = [v2.Resize(round(size * 1.25), antialias=True),
-                    v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
-    else:
-        cropping = [v2.RandomCrop(size, padding=padding)]
     side = cutout_side(size, cutout)
-    return v2.Compose([*cropping, v2.RandomHorizontalFlip(), *([CutoutSquares(1, side)] if side else [])])
+    return v2.Compose([*_cropping(size, crop, padding), v2.RandomHorizontalFlip(),
+                       *([CutoutSquares(1, side)] if side else [])])
+
+
+def _cropping(size: int, crop: str, padding: int) -> list[Transform]:
+    """data.crop's transforms: resize 1.25x + random-resized-crop of 64-100% of the area, or pad-and-crop."""
+    from torchvision.transforms import v2
+
+    if crop == "resized":
+        return [v2.Resize(round(size * 1.25), antialias=True),
+                v2.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0), antialias=True)]
+    return [v2.RandomCrop(size, padding=padding)]
 
 
 def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
