@@ -25,12 +25,16 @@ HAS_LIGHTNING = importlib.util.find_spec("lightning") is not None
 
 
 def load(path: Path) -> ModuleType:
-    """A bench script as a module (bench/ is not a package)."""
+    """A bench script as a module (bench/ is not a package), its folder importable as when it runs."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))  # the peers import fashion_data from beside them
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

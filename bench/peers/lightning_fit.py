@@ -17,13 +17,11 @@ Lightning is not a dependency of ddp_train: ``pip install -e '.[bench]'`` instal
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 try:
     import lightning as L
@@ -34,35 +32,7 @@ except ImportError:
     sys.exit(2)
 
 from ddp_train.models import build_model
-
-ROOT = "/usr/share/datasets/fashion-mnist"
-MEAN, STD = 0.2860, 0.3530  # the published Fashion-MNIST training-set statistics (ddp_train uses the same)
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file of unsigned bytes (MNIST's format): a big-endian header of dimensions, then the data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion(split: str, subset: int | None) -> TensorDataset:
-    """uint8 images (N x 1 x 28 x 28) and labels; train is ddp_train's 80% (randperm with seed 42, last 80%)."""
-    prefix = "train" if split == "train" else "t10k"
-    images = torch.from_numpy(read_idx(f"{ROOT}/{prefix}-images-idx3-ubyte.gz")[:subset].copy()).unsqueeze(1)
-    labels = torch.from_numpy(read_idx(f"{ROOT}/{prefix}-labels-idx1-ubyte.gz")[:subset].astype(np.int64))
-    if split == "train":
-        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
-        keep = perm[round(0.2 * len(labels)):].sort().values
-        images, labels = images[keep], labels[keep]
-    return TensorDataset(images, labels)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """A uint8 batch to the normalised float channels_last batch the model takes."""
-    return ((x.float() / 255 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
+from fashion_data import fashion, normalise  # beside this script
 
 
 class FashionResNet(L.LightningModule):
