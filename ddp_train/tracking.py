@@ -105,9 +105,7 @@ class Tracker(NullTracker):
 
             _quiet_tensorboard_thread()
             # On resume, purge_step hides points the interrupted process logged after its checkpoint.
-            self.writer = self._attempt(
-                "TensorBoard", self.run_dir / "tb",
-                lambda: SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step))
+            self.writer = self._board(lambda: SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step))
 
     @property
     def failed(self) -> bool:
@@ -130,12 +128,16 @@ class Tracker(NullTracker):
                                            f"{kept}{write_error_advice(self.run_dir)}")
             return None
 
+    def _board(self, write: Callable[[], Any]) -> Any:
+        """A TensorBoard write (to ``tb/``) through :meth:`_attempt`."""
+        return self._attempt("TensorBoard", self.run_dir / "tb", write)
+
     def info(self, message: str) -> None:
         print(message, flush=True)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
-            self._attempt("TensorBoard", self.run_dir / "tb", lambda: self.writer.add_scalar(tag, value, step))
+            self._board(lambda: self.writer.add_scalar(tag, value, step))
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
         """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard at ``step``."""
@@ -144,7 +146,7 @@ class Tracker(NullTracker):
                          ("valid/acc", "valid_acc"), ("lr", "lr"), ("throughput/img_per_s", "img_per_s")):
             self.scalar(tag, record[key], step)
         if self.writer is not None:
-            self._attempt("TensorBoard", self.run_dir / "tb", self.writer.flush)
+            self._board(self.writer.flush)
         self.info(
             f"epoch {record['epoch']:>3} | train_loss {record['train_loss']:.4f} | valid_loss "
             f"{record['valid_loss']:.4f} | valid_acc {record['valid_acc']:.4f} | lr {record['lr']:.3g} | "
@@ -164,7 +166,7 @@ class Tracker(NullTracker):
         if self.writer is not None:
             # Indented: TensorBoard renders text as markdown, and this keeps the YAML a code block.
             text = "    " + config_yaml.replace("\n", "\n    ")
-            self._attempt("TensorBoard", self.run_dir / "tb", lambda: self.writer.add_text("config", text, 0))
+            self._board(lambda: self.writer.add_text("config", text, 0))
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Hyperparameters and final metrics into the run's one event file.
@@ -187,7 +189,7 @@ class Tracker(NullTracker):
                 writer.add_scalar(key, value, 0)
             writer.flush()
 
-        self._attempt("TensorBoard", self.run_dir / "tb", write)
+        self._board(write)
 
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         if not self.tty:
@@ -208,7 +210,7 @@ class Tracker(NullTracker):
         if writer is None:
             return
         if self.error is None:
-            self._attempt("TensorBoard", self.run_dir / "tb", writer.close)
+            self._board(writer.close)
             return
         try:  # its thread may be gone after a failure: closed all the same, its error is already kept
             writer.close()
