@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         assert proc.poll() is None, f"the run ended before {path} appeared: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def _interrupted(args: list[str], appears: Path, act: Callable[[subprocess.Popen], None]) -> tuple[int, str]:
+    """A slow run (0.3 s a batch) that ``act`` interferes with once ``appears`` exists: its exit code and stderr."""
+    proc = _start_slow(args, SLOW_DATA_S="0.3")
+    try:
+        _wait_for(appears, proc)
+        act(proc)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
 
 
 # --------------------------------------------------------------------------- one run per folder
@@ -142,15 +156,10 @@ def test_a_directory_in_place_of_metrics_json_stops_every_rank_with_one_line(tmp
 def test_the_run_folder_removed_mid_run_is_one_line(tmp_path):
     run, gone = tmp_path / "r", tmp_path / "gone"
     # Each step logged (a TensorBoard write from its thread at every step), no mid-epoch checkpoints.
-    proc = _start_slow([*TINY, "train.log_every_steps=1", f"out_dir={tmp_path}", "run_name=r"], SLOW_DATA_S="0.3")
-    try:
-        _wait_for(run / "checkpoints" / "step-00000005.pt", proc)
-        os.rename(run, gone)  # as good as removed, for the run: its paths no longer exist
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_USER_ERROR, err[-3000:]
+    # os.rename: as good as removed, for the run: its paths no longer exist.
+    code, err = _interrupted([*TINY, "train.log_every_steps=1", f"out_dir={tmp_path}", "run_name=r"],
+                             run / "checkpoints" / "step-00000005.pt", lambda proc: os.rename(run, gone))
+    assert code == EXIT_USER_ERROR, err[-3000:]
     line = _one_error_line(err)
     assert str(run) in line and ("no longer exists" in line or "No such file or directory" in line), line
     assert load_checkpoint(gone / "checkpoints" / "step-00000005.pt")["global_step"] == 5
@@ -190,15 +199,9 @@ def test_a_full_run_folder_is_one_line_and_the_checkpoints_stay(tmp_path, mount_
     # one metrics.json and TensorBoard write to.
     run = mount_tmpfs(tmp_path / "r", "1m")
     mount_tmpfs(run / "checkpoints", "16m")
-    proc = _start_slow([*TINY, "checkpoint.every_steps=2", f"out_dir={tmp_path}", "run_name=r"], SLOW_DATA_S="0.3")
-    try:
-        _wait_for(run / "checkpoints" / "step-00000002.pt", proc)
-        _fill(run)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_USER_ERROR, err[-3000:]
+    code, err = _interrupted([*TINY, "checkpoint.every_steps=2", f"out_dir={tmp_path}", "run_name=r"],
+                             run / "checkpoints" / "step-00000002.pt", lambda proc: _fill(run))
+    assert code == EXIT_USER_ERROR, err[-3000:]
     line = _one_error_line(err)
     assert "No space left on device" in line and ("metrics.json" in line or "TensorBoard" in line), line
     assert load_checkpoint(run / "checkpoints" / "last.pt")["global_step"] >= 2
