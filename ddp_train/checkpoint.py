@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def temp_name(path: Path) -> Path:
@@ -294,8 +294,7 @@ def _snapshot(obj: Any) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:120] if text else "empty"
+    return first_line(e)[:120] or "empty"
 
 
 def safe_load(path: Path) -> tuple[Any, str]:

@@ -17,3 +17,9 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code :data:`EXIT_USER_ERROR`."""
 
     exit_code = EXIT_USER_ERROR
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message ("" when it has none): what a one-line report quotes of it."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

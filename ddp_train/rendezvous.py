@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .errors import EXIT_CHECKPOINTED, EXIT_USER_ERROR
+from .errors import EXIT_CHECKPOINTED, EXIT_USER_ERROR, first_line
 
 NOTICE_S = 5.0  # a wait longer than this is announced (ranks launched together join well within it)
 POLL_S = 0.2  # between looks at the store: a stop signal ends the wait within about this long
@@ -191,8 +191,7 @@ def _port_answers(addr: str, port: int) -> bool:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return first_line(error) or type(error).__name__
 
 
 # While the rendezvous waits, file descriptor 2 goes to /dev/null and this module's own lines to the

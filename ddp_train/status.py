@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from .checkpoint import atomic_write_text
 from .distributed import LaunchError, detect_launch, environ
-from .errors import EXIT_CHECKPOINTED, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR
+from .errors import EXIT_CHECKPOINTED, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, first_line
 
 ENV = "DDP_TRAIN_STATUS_FILE"
 
@@ -95,8 +95,8 @@ def _exit_code(e: SystemExit) -> int:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    line = first_line(e)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def reported(main: Callable[..., int]) -> Callable[..., int]:
