@@ -1,9 +1,11 @@
-"""The data both peers read (bench/peers/plain_ddp.py, bench/peers/lightning_fit.py): Fashion-MNIST from its
-IDX files, with its own small reader as a user's script would have (not ddp_train's), the training split
-being ddp_train's 80% so that every system of bench/compare_peers.py trains on the same samples."""
+"""What both peers (bench/peers/plain_ddp.py, bench/peers/lightning_fit.py) share: the command line of the work
+bench/compare_peers.py gives them (``work_arguments``), and the data they read: Fashion-MNIST from its IDX
+files, with its own small reader as a user's script would have (not ddp_train's), the training split being
+ddp_train's 80% so that every system of bench/compare_peers.py trains on the same samples."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 
 import numpy as np
@@ -38,3 +40,13 @@ def fashion(split: str, subset: int | None) -> TensorDataset:
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """A uint8 batch to the normalised float channels_last batch the model takes."""
     return ((x.float() / 255 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
+
+
+def work_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The command line both peers share: the work (epochs, subset, global batch, precision) compare_peers sets."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--subset", type=int, default=None, help="only the first N train and test samples")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    return parser

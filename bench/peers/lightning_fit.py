@@ -16,7 +16,6 @@ Lightning is not a dependency of ddp_train: ``pip install -e '.[bench]'`` instal
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -32,7 +31,7 @@ except ImportError:
     sys.exit(2)
 
 from ddp_train.models import build_model
-from fashion_data import fashion, normalise  # beside this script
+from fashion_data import fashion, normalise, work_arguments  # beside this script
 
 
 class FashionResNet(L.LightningModule):
@@ -65,11 +64,7 @@ class FashionResNet(L.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--subset", type=int, default=None, help="only the first N train and test samples")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser = work_arguments(__doc__)
     parser.add_argument("--root", default=None, help="Lightning's default_root_dir (logs, checkpoints)")
     args = parser.parse_args()
     L.seed_everything(42)

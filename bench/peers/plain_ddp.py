@@ -12,7 +12,6 @@ across the ranks, and rank 0 prints ``test | acc A | count N``.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ddp_train.models import build_model
-from fashion_data import fashion, normalise  # beside this script
+from fashion_data import fashion, normalise, work_arguments  # beside this script
 
 
 def evaluate(model: torch.nn.Module, rank: int, world: int, subset: int | None, dtype: torch.dtype | None) -> None:
@@ -39,11 +38,7 @@ def evaluate(model: torch.nn.Module, rank: int, world: int, subset: int | None, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--subset", type=int, default=None, help="only the first N train and test samples")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser = work_arguments(__doc__)
     args = parser.parse_args()
     dist.init_process_group("gloo")  # rank, world size and rendezvous from torchrun's environment
     rank, world = dist.get_rank(), dist.get_world_size()
