@@ -3,8 +3,8 @@
     python bench/same_contents.py capture OUT.json [key=value ...]   # run it, write a manifest
     python bench/same_contents.py compare BEFORE.json AFTER.json     # list every difference
 
-``capture`` runs the README's main command (the default config, 2 gloo ranks under torchrun) with
-``train.precision=fp64`` and writes a manifest of the run folder: for every checkpoint and weights
+``capture`` runs the main command of README.md: "Quick start" (the default config, 2 gloo ranks under
+torchrun) with ``train.precision=fp64`` and writes a manifest of the run folder: for every checkpoint and weights
 file, every key with its type, and for tensors dtype, shape and the SHA-256 of their bytes (nested
 state dicts are walked), plus the whole of metrics.json. fp64 makes the run bit-reproducible on any
 CPU, so two captures of the same code differ only in the fields that name a time or a run

@@ -19,14 +19,14 @@ from .commands import SUBCOMMANDS
 from .commands import run as run_subcommand
 from .commands.common import fail
 from .config import ConfigError, describe_keys, load_config, validate_for_device, validate_for_world
-from .distributed import (DistContext, LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed,
+from .distributed.context import (DistContext, LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed,
                           peer_gone, shutdown)
 from .errors import EXIT_CHECKPOINTED, UserError
-from .localcomm import PeerGone
-from .rendezvous import StartupEnded
-from .signals import end_orphan, watch_agent
-from .status import reported
-from .steptime import CLOCK
+from .distributed.localcomm import PeerGone
+from .resilience.rendezvous import StartupEnded
+from .resilience.signals import end_orphan, watch_agent
+from .resilience.status import reported
+from .resilience.steptime import CLOCK
 
 USAGE = """python -m ddp_train [train] [--config PATH] [key=value ...]
   torchrun --nproc_per_node=N -m ddp_train [--config PATH] [key=value ...]
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _config_error(str(e), launch.rank)
 
-    from .signals import Preempted, StopFlag
+    from .resilience.signals import Preempted, StopFlag
 
     # Stop signals are recorded from here on: one that arrives during set-up stops the run at its
     # first step, with a checkpoint, instead of killing the process mid-way.
     with StopFlag() as stop_flag:
-        from .trainer import train  # heavy imports after the cheap checks
+        from .training.trainer import train  # heavy imports after the cheap checks
 
         try:
             ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s, lambda: stop_flag.name)

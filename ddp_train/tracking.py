@@ -12,16 +12,15 @@ skipped, and the trainer ends every rank with it at the next step's agreement (:
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, write_error_advice, write_error_reason
+from .files import atomic_write_text, clean_json, write_error_advice, write_error_reason
 from .errors import UserError
-from .runrecord import read_record
+from .persistence.runrecord import read_record
 
 
 class TrackerWriteError(UserError):
@@ -46,17 +45,6 @@ def _quiet_tensorboard_thread() -> None:
 
     hook.ddp_train_quiet_tensorboard = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and inf become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 class NullTracker:
@@ -223,5 +211,5 @@ class Tracker(NullTracker):
             data["resumed_from"] = self.resumed_from
         if self.test is not None:
             data["test"] = self.test
-        text = json.dumps(_clean(data), indent=2) + "\n"
+        text = json.dumps(clean_json(data), indent=2) + "\n"
         self._attempt("metrics", self.metrics_path, lambda: atomic_write_text(self.metrics_path, text))

@@ -116,7 +116,7 @@ MAX_RESTARTS="${MAX_RESTARTS:-0}"
 echo "[multinode.sh] node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es), rendezvous $RDZV_BACKEND on $HEAD_ADDR:$PORT"
 # shellcheck disable=SC2206  # a user-supplied word list
 EXTRA=($TORCHRUN_ARGS)
-# ddp_train.launch_agent is torchrun (same arguments) ending a failed rendezvous with one line, and a
+# ddp_train.resilience.launch_agent is torchrun (same arguments) ending a failed rendezvous with one line, and a
 # failed job with its first failed worker's exit code.
-exec "$PYTHON" -m ddp_train.launch_agent --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" "${RDZV[@]}" \
+exec "$PYTHON" -m ddp_train.resilience.launch_agent --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" "${RDZV[@]}" \
     --max-restarts="$MAX_RESTARTS" "${EXTRA[@]}" -m ddp_train "$@"

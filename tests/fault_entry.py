@@ -6,7 +6,7 @@ Test scaffolding only: it stands in for a real bug or a broken node on one rank.
 import os
 import sys
 
-from ddp_train import trainer
+from ddp_train.training import trainer
 from ddp_train.cli import main
 
 _real_train_one_epoch = trainer.train_one_epoch

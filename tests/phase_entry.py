@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from ddp_train import trainer
+from ddp_train.training import trainer
 from ddp_train.cli import main
 
 PHASE = os.environ.get("SIGNAL_PHASE", "")

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from ddp_train import trainer
+from ddp_train.training import trainer
 from ddp_train.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))

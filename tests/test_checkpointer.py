@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ddp_train.checkpoint import CheckpointWriteError, Checkpointer, load_checkpoint
+from ddp_train.persistence.checkpoint import CheckpointWriteError, Checkpointer, load_checkpoint
 
 
 def _state(value: float) -> dict:

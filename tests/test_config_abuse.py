@@ -265,7 +265,7 @@ def test_cli_too_long_path_is_not_called_unwritable(tmp_path):
 
 
 def test_directory_as_weights_file_says_it_is_a_directory(tmp_path):
-    from ddp_train.weights import WeightsError, read_weights_file
+    from ddp_train.persistence.weights import WeightsError, read_weights_file
 
     with pytest.raises(WeightsError) as err:
         read_weights_file(tmp_path, "model.init_from")
@@ -290,8 +290,8 @@ def test_predict_directory_input_says_it_is_a_directory(tmp_path):
 
 
 def test_resume_directory_says_it_is_a_directory(tmp_path):
-    from ddp_train.checkpoint import CheckpointError
-    from ddp_train.resume import choose_checkpoint
+    from ddp_train.persistence.checkpoint import CheckpointError
+    from ddp_train.persistence.resume import choose_checkpoint
 
     folder = tmp_path / "last.pt"
     folder.mkdir()

@@ -66,7 +66,7 @@ def test_seeds_out_of_range_are_refused(seed):
 def test_the_extreme_seeds_run():
     """Seeds 0 and 2**63-1 go through every use of the seed: split, samplers, loader, augmentation, ranks."""
     from ddp_train.data import build_data, load_dataset
-    from ddp_train.distributed import DistContext
+    from ddp_train.distributed.context import DistContext
     from ddp_train.seeding import rank_seed, seed_all
 
     for seed in (0, MAX_SEED):

@@ -13,7 +13,7 @@ from ddp_train.data import DataError, build_data, load_dataset
 from ddp_train.data import synthetic
 from ddp_train.data.datasets import read_idx
 from ddp_train.data.loaders import split_indices
-from ddp_train.distributed import DistContext
+from ddp_train.distributed.context import DistContext
 
 from .helpers import run_cli, spawn
 

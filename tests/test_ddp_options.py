@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from ddp_train.config import load_config
 from ddp_train.data import load_dataset
-from ddp_train.distributed import DistContext
-from ddp_train.learner import build_training_model
+from ddp_train.distributed.context import DistContext
+from ddp_train.training.learner import build_training_model
 
 from .helpers import spawn
 

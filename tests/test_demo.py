@@ -105,7 +105,7 @@ def server(tiny_run):
 @pytest.fixture(scope="module")
 def test_images(tiny_run, tmp_path_factory):
     """A sample of the run's test split as PNG, and the same pixels in other modes and sizes."""
-    from ddp_train.checkpoint import load_checkpoint
+    from ddp_train.persistence.checkpoint import load_checkpoint
     from ddp_train.config import config_from_dict
     from ddp_train.data import build_splits, load_dataset
 
@@ -143,7 +143,7 @@ def test_client_answers_equal_predict_json(server, tiny_run, test_images):
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="Chromium not installed (apt-get install chromium; .ci/run installs it)")
 def test_page_renders_in_headless_chromium(server, tiny_run, tmp_path):
-    from ddp_train.checkpoint import load_checkpoint
+    from ddp_train.persistence.checkpoint import load_checkpoint
 
     classes = load_checkpoint(tiny_run / "checkpoints" / "best.pt")["dataset"]["classes"]
 

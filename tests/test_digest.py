@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ddp_train.data.loaders import EpochDistributedSampler, split_indices
-from ddp_train.state import TrainState
+from ddp_train.persistence.state import TrainState
 
 from .helpers import TINY, assert_ok, run_cli
 

@@ -180,7 +180,7 @@ def test_every_relative_link_resolves():
 
 def test_every_pointer_to_the_docs_names_a_page_and_section_that_exist():
     files = code_files()
-    assert ROOT / "ddp_train" / "resume.py" in files and ROOT / "launch" / "slurm.sbatch" in files
+    assert ROOT / "ddp_train" / "persistence" / "resume.py" in files and ROOT / "launch" / "slurm.sbatch" in files
     pointers = sum(len(POINTER.findall(p.read_text(errors="replace"))) for p in files)
     assert pointers > 10  # the scan sees the code's pointers
     assert [bad for path in files + PAGES for bad in bad_pointers(path)] == []

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ddp_train.checkpoint import load_checkpoint
+from ddp_train.persistence.checkpoint import load_checkpoint
 from ddp_train.config import load_config
 from ddp_train.models import build_model
 
@@ -131,7 +131,7 @@ def test_fp64_checkpoint_evaluates_and_predicts_with_an_fp32_model(fp64_runs, tm
     """eval and predict build an fp32 model; load_state_dict casts the float64 weights."""
     import numpy as np
 
-    from ddp_train.checkpoint import load_checkpoint
+    from ddp_train.persistence.checkpoint import load_checkpoint
     from ddp_train.config import config_from_dict
     from ddp_train.data import build_splits, load_dataset
 

@@ -164,7 +164,7 @@ def test_data_error_on_one_rank_ends_the_torchrun_job_within_seconds(tmp_path):
 # A bug, not a bad input: validation raises while the training loader's persistent workers are up.
 _BUG = """
 import sys
-from ddp_train import trainer
+from ddp_train.training import trainer
 from ddp_train.cli import main
 
 def evaluate(*args, **kwargs):

@@ -10,9 +10,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from ddp_train.checkpoint import load_checkpoint
+from ddp_train.persistence.checkpoint import load_checkpoint
 from ddp_train.models import build_model
-from ddp_train.weights import WeightsError, load_init_weights
+from ddp_train.persistence.weights import WeightsError, load_init_weights
 from ddp_train.seeding import seed_all
 
 from .helpers import TINY, assert_ok, run_cli

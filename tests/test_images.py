@@ -18,7 +18,7 @@ from ddp_train.commands.predict import InputError, load_input
 from ddp_train.config import load_config
 from ddp_train.data import DataError, build_data, load_dataset
 from ddp_train.data.datasets import FASHION_FILES, Source
-from ddp_train.distributed import DistContext
+from ddp_train.distributed.context import DistContext
 
 from .helpers import TINY, assert_ok, run_cli
 
@@ -297,7 +297,7 @@ def _values16(root: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_training_on_sixteen_bit_images_sees_their_full_range(sixteen_bit_run):
-    from ddp_train.checkpoint import load_checkpoint
+    from ddp_train.persistence.checkpoint import load_checkpoint
 
     root, run = sixteen_bit_run
     meta = load_checkpoint(run / "checkpoints" / "best.pt")["dataset"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddp_train.distributed import LaunchError, LaunchInfo, detect_launch, first_host, init_distributed
+from ddp_train.distributed.context import LaunchError, LaunchInfo, detect_launch, first_host, init_distributed
 
 
 def test_torchrun_variables():

@@ -10,7 +10,7 @@ import torch
 from ddp_train.config import load_config
 from ddp_train.data import build_splits, load_dataset
 from ddp_train.data.loaders import eval_loader, sample_seed, train_loader
-from ddp_train.distributed import DistContext
+from ddp_train.distributed.context import DistContext
 from ddp_train.data.transforms import Sample, collate, eval_transform, normalise_batch, train_transform
 
 CPU = torch.device("cpu")

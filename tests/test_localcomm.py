@@ -1,4 +1,4 @@
-"""Shared-memory collectives between the ranks of one machine (ddp_train.localcomm), in real processes.
+"""Shared-memory collectives between the ranks of one machine (ddp_train.distributed.localcomm), in real processes.
 
 What CPU SyncBN and the per-step agreements rely on: every rank gets every rank's values, the sums are
 the same bits on every rank, nothing is left in /dev/shm, messages too large for a slot are said to not
@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ddp_train.localcomm import SLOT_BYTES, PeerGone, open_local_group
+from ddp_train.distributed.localcomm import SLOT_BYTES, PeerGone, open_local_group
 
 from .helpers import spawn
 

@@ -8,9 +8,9 @@ import torch
 
 from ddp_train.config import load_config
 from ddp_train.data import build_data, load_dataset
-from ddp_train.distributed import DistContext
+from ddp_train.distributed.context import DistContext
 from ddp_train.data.transforms import normalise_batch
-from ddp_train.engine import Batcher, evaluate
+from ddp_train.training.engine import Batcher, evaluate
 from ddp_train.models import build_model
 
 from .helpers import spawn

@@ -101,7 +101,7 @@ def test_importing_the_package_does_not_import_torchvision():
     import subprocess
     import sys
 
-    code = ("import sys, ddp_train.cli, ddp_train.trainer, ddp_train.models, ddp_train.data\n"
+    code = ("import sys, ddp_train.cli, ddp_train.training.trainer, ddp_train.models, ddp_train.data\n"
             "print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

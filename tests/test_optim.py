@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ddp_train.config import ConfigError, load_config
-from ddp_train.optim import Schedule, build_optimizer
+from ddp_train.training.optim import Schedule, build_optimizer
 
 STEPS = 20  # one epoch of 20 steps: onecycle's lr peaks after step 5 (pct_start 0.3)
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ddp_train.config import load_config
-from ddp_train.distributed import DistContext
-from ddp_train.engine import Batcher, StepOptions, grad_scaler, train_one_epoch
-from ddp_train.learner import Learner
-from ddp_train.optim import Schedule
+from ddp_train.distributed.context import DistContext
+from ddp_train.training.engine import Batcher, StepOptions, grad_scaler, train_one_epoch
+from ddp_train.training.learner import Learner
+from ddp_train.training.optim import Schedule
 
 from .helpers import TINY, assert_ok, rel_diff, run_cli
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddp_train.checkpoint import load_checkpoint
+from ddp_train.persistence.checkpoint import load_checkpoint
 from ddp_train.config import config_from_dict
 from ddp_train.data import build_splits, load_dataset
 from ddp_train.data.loaders import eval_loader

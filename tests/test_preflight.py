@@ -1,5 +1,5 @@
-"""Preflight agreement between ranks (ddp_train/preflight.py), and launch/multinode.sh's two early
-stops: a loopback HEAD_ADDR, and a rendezvous that times out (ddp_train/launch_agent.py)."""
+"""Preflight agreement between ranks (ddp_train/resilience/preflight.py), and launch/multinode.sh's two early
+stops: a loopback HEAD_ADDR, and a rendezvous that times out (ddp_train/resilience/launch_agent.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 
 from ddp_train.config import load_config
 from ddp_train.data import load_dataset
-from ddp_train.distributed import DistContext
-from ddp_train.preflight import (NODE_LOCAL_KEYS, PACKAGE_DIR, PreflightError, check_agreement, differences,
+from ddp_train.distributed.context import DistContext
+from ddp_train.resilience.preflight import (NODE_LOCAL_KEYS, PACKAGE_DIR, PreflightError, check_agreement, differences,
                                  fingerprint, mismatch_message)
 
 from .helpers import FASHION_ROOT, ROOT, TINY, clean_env, free_port, spawn
@@ -73,11 +73,11 @@ def test_a_source_difference_names_the_files(tmp_path):
     package = tmp_path / "ddp_train"
     shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
     assert differences(_fp(SMALL, package_dir=package), _fp(SMALL)) == []  # a copy is the same source
-    with open(package / "trainer.py", "a") as f:
+    with open(package / "training" / "trainer.py", "a") as f:
         f.write("# edited on one node\n")
     (package / "extra.py").write_text("")
     found = differences(_fp(SMALL, 1, package_dir=package), _fp(SMALL))
-    assert found == ["source: ddp_train/trainer.py differs, ddp_train/extra.py only here"]
+    assert found == ["source: ddp_train/training/trainer.py differs, ddp_train/extra.py only here"]
 
 
 def test_a_torch_difference_is_named():

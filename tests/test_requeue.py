@@ -1,4 +1,4 @@
-"""The requeue policy of launch/slurm.sbatch (ddp_train/requeue.py) on exact inputs.
+"""The requeue policy of launch/slurm.sbatch (ddp_train/resilience/requeue.py) on exact inputs.
 
 :func:`decide` is pure: each rule is checked with the exact line the job's log gets. The
 bookkeeping is checked on real files, and the command line as the batch script runs it (also
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_train.requeue import Action, Attempt, Bookkeeping, Decision, Progress, decide, job_name, main, requeue_failed
+from ddp_train.resilience.requeue import Action, Attempt, Bookkeeping, Decision, Progress, decide, job_name, main, requeue_failed
 
 from .helpers import ROOT
 
@@ -29,7 +29,7 @@ NO_REASON = "ddp_train did not say why: killed, or a crash it could not report"
 
 def status(step: int | None = None, code: int | None = None, reason: str | None = None,
            checkpoint: str | None = None) -> dict:
-    """A status file's contents, as ddp_train/status.py writes them."""
+    """A status file's contents, as ddp_train/resilience/status.py writes them."""
     return {"global_step": step, "checkpoint": checkpoint, "exit_code": code, "reason": reason}
 
 
@@ -165,7 +165,7 @@ def test_bookkeeping_reads_removes_and_forgets_only_this_job(tmp_path):
 
 
 def policy(args: list[str], cwd: Path, env: dict[str, str], python: str = sys.executable) -> subprocess.CompletedProcess:
-    return subprocess.run([python, "-m", "ddp_train.requeue", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([python, "-m", "ddp_train.resilience.requeue", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -207,7 +207,7 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, args, line):
 
 def test_it_runs_on_a_bare_python_without_torch(tmp_path):
     """The batch script's fallback where the job's PYTHON is broken: python3 with only the checkout on its path."""
-    probe = "import sys, ddp_train.requeue; print(sorted(m for m in ('torch', 'numpy', 'yaml') if m in sys.modules))"
+    probe = "import sys, ddp_train.resilience.requeue; print(sorted(m for m in ('torch', 'numpy', 'yaml') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout == "[]\n", res.stdout + res.stderr
@@ -222,7 +222,7 @@ def test_the_batch_script_stays_thin():
     """Policy lives in Python: the batch script is wiring, at most 150 lines, without Python inside it."""
     text = (ROOT / "launch" / "slurm.sbatch").read_text()
     assert len(text.splitlines()) <= 150
-    assert "import json" not in text and "ddp_train.requeue" in text
+    assert "import json" not in text and "ddp_train.resilience.requeue" in text
 
 
 def test_main_in_process(tmp_path, capsys):

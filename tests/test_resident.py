@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ddp_train.config import ConfigError, load_config
 from ddp_train.data import build_data, load_dataset
 from ddp_train.data.batch_augment import BatchAugment
-from ddp_train.distributed import DistContext
+from ddp_train.distributed.context import DistContext
 
 from .helpers import TINY, assert_ok, last_weights, rel_diff, run_cli
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ddp_train.checkpoint import load_checkpoint
+from ddp_train.persistence.checkpoint import load_checkpoint
 from ddp_train.errors import EXIT_CHECKPOINTED, EXIT_HANG, EXIT_USER_ERROR
-from ddp_train.runlock import LOCK_NAME
+from ddp_train.persistence.runlock import LOCK_NAME
 
 from .helpers import ROOT, TINY, clean_env, run_cli
 
@@ -117,7 +117,7 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_folder_holding_a_run(tmp_
 
 
 def test_the_run_identity_rule(tmp_path):
-    from ddp_train.runrecord import RUN_FILE, check_same_run
+    from ddp_train.persistence.runrecord import RUN_FILE, check_same_run
 
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
@@ -242,7 +242,7 @@ def test_stale_temp_files_of_killed_writes_go_at_the_next_start_and_only_ours(tm
 
 
 def test_the_temp_file_pattern_is_exactly_ours(tmp_path):
-    from ddp_train.checkpoint import remove_stale_temp_files
+    from ddp_train.persistence.checkpoint import remove_stale_temp_files
 
     (tmp_path / "checkpoints").mkdir()
     ours = ["checkpoints/.step-00000010.pt.tmp-123", "checkpoints/.best.pt.tmp-9", ".job.tmp-5", ".run.json.tmp-5"]
@@ -301,7 +301,7 @@ def test_stop_signals_release_the_lock_and_a_resume_adds_an_event_file(tmp_path)
 
 
 def test_held_locks_are_released_by_release_held(tmp_path):
-    from ddp_train.runlock import RunLock, release_held
+    from ddp_train.persistence.runlock import RunLock, release_held
 
     lock = RunLock(tmp_path).acquire()
     assert (tmp_path / LOCK_NAME).exists()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_train.checkpoint import FORMAT, REQUIRED, Checkpointer, branch_for_resume, load_checkpoint, newest_valid, step_files
-from ddp_train.runlock import LOCK_NAME, STALE_S
+from ddp_train.persistence.checkpoint import FORMAT, REQUIRED, Checkpointer, branch_for_resume, load_checkpoint, newest_valid, step_files
+from ddp_train.persistence.runlock import LOCK_NAME, STALE_S
 
 from .helpers import ROOT, assert_ok, clean_env, run_cli
 
@@ -278,7 +278,7 @@ def test_a_reformed_torchrun_group_continues_its_own_run_only(tmp_path):
     # with TORCHELASTIC_RESTART_COUNT=0 and no resume setting, and must continue their own run.
     from ddp_train.config import Config
     from ddp_train.errors import UserError
-    from ddp_train.rundir import _write_config, claim_run_dir
+    from ddp_train.persistence.rundir import _write_config, claim_run_dir
 
     run = tmp_path / "r"
     lock, continuing = claim_run_dir(run, "r", None, "torchrun:job1")

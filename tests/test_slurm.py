@@ -131,7 +131,7 @@ def test_sbatch_two_process_cpu_run(cluster, work, reference):
 def test_direct_srun_two_tasks_equals_torchrun(cluster, work, reference):
     """``srun -n 2 python -m ddp_train`` in a batch job: ranks from SLURM_PROCID, no torchrun."""
     py = shlex.quote(sys.executable)
-    probe = "import os; from ddp_train.distributed import detect_launch; print('probe', detect_launch(os.environ))"
+    probe = "import os; from ddp_train.distributed.context import detect_launch; print('probe', detect_launch(os.environ))"
     args = shlex.join([*CONFIG, f"out_dir={work / 'runs'}", "run_name=srun"])
     script = "; ".join([
         f"{py} -c {shlex.quote(probe)}",  # the batch shell itself: a plain python is one process

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_train.distributed import LaunchError, detect_launch
+from ddp_train.distributed.context import LaunchError, detect_launch
 from ddp_train.errors import EXIT_CHECKPOINTED, EXIT_USER_ERROR
 
 from .agents import children

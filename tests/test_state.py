@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_train.checkpoint import FORMAT, CheckpointError, atomic_save, try_load
+from ddp_train.persistence.checkpoint import FORMAT, CheckpointError, try_load
+from ddp_train.files import atomic_save
 from ddp_train.config import load_config
 from ddp_train.data import load_dataset
-from ddp_train.distributed import DistContext
-from ddp_train.engine import Batcher, StepOptions, grad_scaler, train_step
-from ddp_train.learner import Learner
+from ddp_train.distributed.context import DistContext
+from ddp_train.training.engine import Batcher, StepOptions, grad_scaler, train_step
+from ddp_train.training.learner import Learner
 from ddp_train.models import build_model
-from ddp_train.optim import Schedule, build_optimizer
-from ddp_train.resume import restore
+from ddp_train.training.optim import Schedule, build_optimizer
+from ddp_train.persistence.resume import restore
 from ddp_train.seeding import seed_all
-from ddp_train.state import TrainState, checkpoint_contents
+from ddp_train.persistence.state import TrainState, checkpoint_contents
 
 from .helpers import TINY
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from ddp_train import status
+from ddp_train.resilience import status
 from ddp_train.errors import EXIT_CHECKPOINTED
 
 from .helpers import TINY, assert_ok, clean_env, run_cli

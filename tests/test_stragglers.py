@@ -13,7 +13,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ddp_train.stragglers import slow_ranks
+from ddp_train.resilience.stragglers import slow_ranks
 
 from .helpers import ROOT, TINY, clean_env
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_train.localcomm import open_local_group
+from ddp_train.distributed.localcomm import open_local_group
 from ddp_train.models import build_model
-from ddp_train.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm
+from ddp_train.distributed.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm
 
 from .helpers import rel_diff, spawn
 

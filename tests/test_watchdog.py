@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from ddp_train.checkpoint import looks_whole
+from ddp_train.persistence.checkpoint import looks_whole
 from ddp_train.errors import EXIT_HANG
 
 from .agents import worker_pid

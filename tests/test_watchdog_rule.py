@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddp_train.watchdog import (
+from ddp_train.resilience.watchdog import (
     ALL_WAITING,
     NOT_RESPONDING,
     NOT_WAITING,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..signals import StopFlag
+from ..resilience.signals import StopFlag
 from .common import SubcommandParser, fail
 from .evaluate import default_run_dir
 

@@ -118,7 +118,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     import torch
 
     from ..data.loaders import eval_loader
-    from ..engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
+    from ..training.engine import Batcher, autocast_dtype, evaluate, param_dtype, precision_name
 
     dataset = _dataset(cfg, trained, ctx)
     ds = ctx.run_agreed(_pick_split, dataset, cfg, split)
@@ -224,10 +224,9 @@ def log_to_tensorboard(run_dir: Path, report: dict[str, Any]) -> str:
 
 
 def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_dir: Path | None) -> None:
-    from ..checkpoint import atomic_write_text
-    from ..tracking import _clean
+    from ..files import atomic_write_text, clean_json
 
-    text = json.dumps(_clean(report), indent=2) + "\n"
+    text = json.dumps(clean_json(report), indent=2) + "\n"
     if args.output:
         atomic_write_text(Path(args.output), text)
     if args.json:
@@ -246,9 +245,9 @@ def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_
 
 
 def main(argv: list[str]) -> int:
-    from ..distributed import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
-    from ..rendezvous import StartupEnded
-    from ..weights import build_trained_model, load_trained
+    from ..distributed.context import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
+    from ..resilience.rendezvous import StartupEnded
+    from ..persistence.weights import build_trained_model, load_trained
 
     try:
         launch = detect_launch(environ())

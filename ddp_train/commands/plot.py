@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         return fail(f"plot needs matplotlib, which is not installed; install it with: {INSTALL}")
-    from ..checkpoint import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     out = Path(args.output) if args.output else run_dir / "curves.png"
     fig = draw(history, run_dir.resolve().name)

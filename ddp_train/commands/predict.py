@@ -122,7 +122,7 @@ class Classifier:
     def load(cls, checkpoint: str | Path, device: str = "auto") -> Classifier:
         """The checkpoint's model in eval mode on ``device``; raises UserError (one line) when unusable."""
         from ..data.transforms import eval_transform
-        from ..weights import build_trained_model, load_trained
+        from ..persistence.weights import build_trained_model, load_trained
 
         dev = _device(device)
         trained = load_trained(checkpoint)

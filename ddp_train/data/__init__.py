@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
-from ..distributed import DistContext
+from ..distributed.context import DistContext
 from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
 from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_indices, train_loader

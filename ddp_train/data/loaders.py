@@ -29,7 +29,7 @@ from .datasets import Source
 from .transforms import Transform, collate, normalise_batch
 
 if TYPE_CHECKING:
-    from ..distributed import DistContext
+    from ..distributed.context import DistContext
 
 
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ frozen process runs no code at all), so progress is published where the healthy 
 without the stuck one. Each rank's watchdog thread writes a heartbeat (a sequence number, its
 global step, its phase, whether it is waiting for peers) to the store every ``beat_s`` seconds:
 torchrun's agent store, or under ``srun`` the TCPStore that rank 0 hosts. A rank whose own clock
-(:data:`ddp_train.steptime.CLOCK`) shows no progress for ``hang_timeout_s``:
+(:data:`ddp_train.resilience.steptime.CLOCK`) shows no progress for ``hang_timeout_s``:
 
 1. reads every rank's heartbeat twice, ``2 * beat_s`` apart: a rank whose sequence number did not
    move is *not responding* (stopped, or its host unreachable);
@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from . import status
-from .errors import EXIT_HANG
-from .runlock import release_held
+from ..errors import EXIT_HANG
+from ..persistence.runlock import release_held
 from .signals import agent_gone
 from .steptime import CLOCK, PHASES
 
@@ -120,7 +120,7 @@ def silent_here(verdict: Verdict, beats: Mapping[int, Beat], host: str) -> list[
 
 
 def phase_words(phase: str, waiting: bool) -> str:
-    """``data loading, waiting for other ranks``: a phase of :data:`~ddp_train.steptime.PHASES`, in words."""
+    """``data loading, waiting for other ranks``: a phase of :data:`~ddp_train.resilience.steptime.PHASES`, in words."""
     return f"{PHASES.get(phase, phase)}{', waiting for other ranks' if waiting else ''}"
 
 

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import Config
-from .data import Dataset
-from .distributed import DistContext
+from ..config import Config
+from ..data import Dataset
+from ..distributed.context import DistContext
 from .engine import Batcher, StepOptions, autocast_dtype, grad_scaler, param_dtype
-from .models import build_model
+from ..models import build_model
 from .optim import Schedule, build_optimizer
-from .seeding import rank_seed, seed_all
-from .steptime import instrument_ddp
-from .syncbn import convert_sync_batchnorm
+from ..seeding import rank_seed, seed_all
+from ..resilience.steptime import instrument_ddp
+from ..distributed.syncbn import convert_sync_batchnorm
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Learner:
     batcher: Batcher
 
     def step_options(self, cfg: Config) -> StepOptions:
-        """How :func:`~ddp_train.engine.train_step` runs for this learner under ``cfg.train``."""
+        """How :func:`~ddp_train.training.engine.train_step` runs for this learner under ``cfg.train``."""
         return StepOptions(self.amp_dtype, cfg.train.label_smoothing, self.scaler, cfg.train.micro_batch_size)
 
 
@@ -60,7 +60,7 @@ def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
     model = build_model(cfg.model.name, len(dataset.classes), dataset.channels, cfg.model.zero_init_residual,
                         cfg.model.width)
     if init_from:  # fine-tuning: every rank loads the same file, before SyncBN and DDP
-        from .weights import apply_init_from
+        from ..persistence.weights import apply_init_from
 
         apply_init_from(model, init_from, ctx,
                         f"{cfg.model.name} with {dataset.channels} channels and {len(dataset.classes)} classes")

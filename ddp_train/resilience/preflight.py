@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .config import Config, flat_keys
-from .data import Dataset
-from .distributed import DistContext, environ
-from .errors import UserError
+from .. import __version__
+from ..config import Config, flat_keys
+from ..data import Dataset
+from ..distributed.context import DistContext, environ
+from ..errors import UserError
 
 NODE_LOCAL_KEYS = ("data.root", "data.download", "data.num_workers", "model.init_from")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the ddp_train package
 DIGEST_CHARS = 12  # of a SHA-256, in the message: enough to tell two apart at a glance
 MAX_ITEMS = 4  # differences named per group of ranks; the rest are counted
 
@@ -59,7 +59,7 @@ class Fingerprint:
     node: str  # "node 1, host gpu07": where the rank runs, for the message
     torch: str
     package: str  # ddp_train.__version__
-    source: dict[str, str]  # "ddp_train/trainer.py" -> SHA-256 of its bytes
+    source: dict[str, str]  # "ddp_train/training/trainer.py" -> SHA-256 of its bytes
     config: dict[str, Any]  # flat keys ("train.lr") without NODE_LOCAL_KEYS
     dataset: dict[str, Any]  # see dataset_summary
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 20.0

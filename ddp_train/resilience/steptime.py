@@ -4,9 +4,9 @@ One :class:`RankClock` per process, :data:`CLOCK`. The training loop says which 
 thread is in and when a step (or an evaluation batch) completes; collectives say when the thread
 is waiting for other ranks. Two readers:
 
-- the hang watchdog (another thread, :mod:`ddp_train.watchdog`) reads the phase, the global step
+- the hang watchdog (another thread, :mod:`ddp_train.resilience.watchdog`) reads the phase, the global step
   and how long ago this rank last made progress;
-- the straggler report (:mod:`ddp_train.stragglers`) takes, every N steps, the mean data and
+- the straggler report (:mod:`ddp_train.resilience.stragglers`) takes, every N steps, the mean data and
   compute seconds per step of the window.
 
 Compute excludes waiting: a fast rank spends part of each step blocked in SyncBN's all-gather, in

@@ -18,10 +18,10 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 from .localcomm import LocalGroup, PeerGone, open_local_group
-from .rendezvous import Rendezvous
-from .steptime import CLOCK
+from ..resilience.rendezvous import Rendezvous
+from ..resilience.steptime import CLOCK
 
 Launcher = Literal["torchrun", "slurm", "single"]
 T = TypeVar("T")
@@ -322,8 +322,8 @@ def init_distributed(launch: LaunchInfo, backend: str = "auto", timeout_s: int =
                      stopped_by: Callable[[], str] = lambda: "") -> DistContext:
     """Start the process group (when there are several ranks) and pick the device.
 
-    ``stopped_by()`` names a stop signal once one arrived (the CLI's :class:`~ddp_train.signals.StopFlag`):
-    a rendezvous still waiting for ranks then ends (:class:`~ddp_train.rendezvous.StartupEnded`, as at
+    ``stopped_by()`` names a stop signal once one arrived (the CLI's :class:`~ddp_train.resilience.signals.StopFlag`):
+    a rendezvous still waiting for ranks then ends (:class:`~ddp_train.resilience.rendezvous.StartupEnded`, as at
     ``timeout_s``); one that has completed keeps the signal for the first training step.
     """
     cuda_ok = torch.cuda.is_available()

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .checkpoint import atomic_write_text
-from .distributed import LaunchError, detect_launch, environ
-from .errors import EXIT_CHECKPOINTED, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, first_line
+from ..files import atomic_write_text
+from ..distributed.context import LaunchError, detect_launch, environ
+from ..errors import EXIT_CHECKPOINTED, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, first_line
 
 ENV = "DDP_TRAIN_STATUS_FILE"
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import FrameType
 from typing import Any, TypeVar
 
-from .runlock import release_held
+from ..persistence.runlock import release_held
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .errors import EXIT_CHECKPOINTED, EXIT_USER_ERROR, first_line
+from ..errors import EXIT_CHECKPOINTED, EXIT_USER_ERROR, first_line
 
 NOTICE_S = 5.0  # a wait longer than this is announced (ranks launched together join well within it)
 POLL_S = 0.2  # between looks at the store: a stop signal ends the wait within about this long

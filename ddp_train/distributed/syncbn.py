@@ -13,7 +13,7 @@ kernels that exist on CPU:
   inference batch-norm kernel (for the two global-mean terms) plus k * dy, in two more passes.
 
 Both collectives go through shared memory when every rank is on one machine
-(:mod:`ddp_train.localcomm`: tens of microseconds where gloo's loopback round trip took 1-3 ms,
+(:mod:`ddp_train.distributed.localcomm`: tens of microseconds where gloo's loopback round trip took 1-3 ms,
 24 times a ResNet-10 step), through the process group otherwise; the results are the same bits.
 
 Parameter and buffer names match ``nn.BatchNorm2d`` so state dicts load into a plain model.
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .localcomm import LocalGroup
-from .steptime import CLOCK
+from ..resilience.steptime import CLOCK
 
 
 def _all_gather(local: torch.Tensor, group: Any, shm: LocalGroup | None) -> torch.Tensor:

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMAT, REQUIRED, Checkpointer, CheckpointError, check_format
-from .config import Config
-from .data import Dataset
-from .distributed import DistContext
-from .errors import UserError
-from .learner import Learner
-from .optim import Schedule
-from .seeding import get_rng_state, set_rng_state
-from .status import current as current_status
+from ..config import Config
+from ..data import Dataset
+from ..distributed.context import DistContext
+from ..errors import UserError
+from ..training.learner import Learner
+from ..training.optim import Schedule
+from ..seeding import get_rng_state, set_rng_state
+from ..resilience.status import current as current_status
 
 # Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
 LAYOUT = ("format", "run_id", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",

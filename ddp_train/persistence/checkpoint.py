@@ -8,7 +8,6 @@ works and a crafted pickle cannot run code.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -19,12 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError, first_line
-
-
-def temp_name(path: Path) -> Path:
-    """The temporary file an atomic write of ``path`` goes through: ``.<name>.tmp-<pid>`` beside it."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+from ..errors import UserError, first_line
+from ..files import atomic_save, temp_name, write_error_advice, write_error_reason
 
 
 # The temporary names of the run's own atomic writes (temp_name), by folder: a write killed mid-way
@@ -55,40 +50,6 @@ def remove_stale_temp_files(run_dir: Path) -> tuple[int, int]:
                 p.unlink()
                 files, size = files + 1, size + nbytes
     return files, size
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` that never leaves a partial file under ``path``."""
-    # Serialised in memory first: torch.save straight into a file turns a full disk into an opaque
-    # "unexpected pos" RuntimeError; a plain write raises OSError(ENOSPC), which names the cause.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -154,20 +115,6 @@ def looks_whole(path: Path) -> bool:
             return z.testzip() is None
     except (OSError, zipfile.BadZipFile, ValueError, EOFError):
         return False
-
-
-def write_error_reason(error: OSError, run_dir: Path) -> str:
-    """Why a write into the run folder failed, in words: the OS's reason, or that the folder is gone."""
-    if isinstance(error, FileNotFoundError) and not Path(run_dir).is_dir():
-        return f"the run folder {run_dir} no longer exists (removed, or its file system unmounted)"
-    return error.strerror or str(error)
-
-
-def write_error_advice(run_dir: Path) -> str:
-    """What to do after a failed write into ``run_dir`` (the end of the one-line error)."""
-    if not Path(run_dir).is_dir():
-        return "put the run folder back (its checkpoints went with it) and continue with resume=auto, or start again"
-    return "make the folder writable (or free space), then continue with resume=auto"
 
 
 class CheckpointWriteError(CheckpointError):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import safe_load
-from .errors import UserError
+from ..errors import UserError
 
 PREFIXES = ("module.", "_orig_mod.")
 CLASSIFIER = ("fc.weight", "fc.bias")  # torchvision ResNet's last layer
@@ -196,7 +196,7 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
 
 def build_trained_model(trained: Trained, model_name: str, what: str = "--checkpoint", width: int = 64) -> nn.Module:
     """The model of ``trained`` with its weights loaded (on the CPU, eval mode)."""
-    from .models import build_model
+    from ..models import build_model
 
     ds = trained.dataset
     model = build_model(model_name, len(ds["classes"]), int(ds["channels"]), width=width)

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, newest_valid, try_load
-from .config import Config, ConfigError, allowed_changes, diff_configs
-from .distributed import DistContext
-from .optim import Schedule, build_optimizer
+from ..config import Config, ConfigError, allowed_changes, diff_configs
+from ..distributed.context import DistContext
+from ..training.optim import Schedule, build_optimizer
 from .runrecord import check_same_run
 
 if TYPE_CHECKING:  # only for annotations: importing them here would load the models and data at import
-    from .data import Dataset
-    from .learner import Learner
+    from ..data import Dataset
+    from ..training.learner import Learner
 
 # Config keys whose change, once accepted with resume_allow, rebuilds the schedule at the resumed step.
 SCHEDULE_KEYS = ("train.epochs", "train.lr", "train.scheduler", "train.lr_period", "train.lr_decay",
@@ -54,7 +54,7 @@ def load_resume_checkpoint(resume: str | None, run_dir: Path, ctx: DistContext) 
 def choose_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """``resume=auto``: the most recently written readable step file of the run (skipping damaged ones with
     one line each), or None when there is none; else the file ``resume`` names. CheckpointError when unusable,
-    or when it is another run's and ``run_dir`` already holds a run (:func:`~ddp_train.runrecord.check_same_run`)."""
+    or when it is another run's and ``run_dir`` already holds a run (:func:`~ddp_train.persistence.runrecord.check_same_run`)."""
     if resume == "auto":
         return newest_valid(run_dir / "checkpoints", report=lambda line: print(line, file=sys.stderr))
     if Path(resume).is_dir():

@@ -2,10 +2,10 @@
 
 The batch script runs this module twice per attempt::
 
-    python -m ddp_train.requeue [--state-dir D] [--max-stalled-attempts N] start
+    python -m ddp_train.resilience.requeue [--state-dir D] [--max-stalled-attempts N] start
         -> checks the settings, prepares D, prints the job's name for scontrol/scancel and the
            attempt's status file (the script exports it as DDP_TRAIN_STATUS_FILE, see status.py)
-    python -m ddp_train.requeue [--state-dir D] [--max-stalled-attempts N] end RC SIGNALLED RUN_NAME
+    python -m ddp_train.resilience.requeue [--state-dir D] [--max-stalled-attempts N] end RC SIGNALLED RUN_NAME
         -> reads how the attempt ended, decides (:func:`decide`), prints one line, requeues the job
            with ``scontrol requeue`` if that is the decision, and exits with the batch script's code
 
@@ -36,7 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_CHECKPOINTED, EXIT_OK, EXIT_USER_ERROR
+from ..errors import EXIT_CHECKPOINTED, EXIT_OK, EXIT_USER_ERROR
 
 DEFAULT_MAX_STALLED_ATTEMPTS = 3
 NO_STATUS = "no status from ddp_train: it did not start, or was killed first"
@@ -255,7 +255,7 @@ def end(books: Bookkeeping, attempt_rc: int, signalled: bool, run_name: str, max
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The batch script's arguments: settings first, then ``start`` or ``end RC SIGNALLED RUN_NAME``."""
-    parser = argparse.ArgumentParser(prog="python -m ddp_train.requeue", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ddp_train.resilience.requeue", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=Path(".ddp_train_slurm"), help="REQUEUE_STATE_DIR")
     parser.add_argument("--max-stalled-attempts", default=str(DEFAULT_MAX_STALLED_ATTEMPTS),
                         help="MAX_STALLED_ATTEMPTS")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .distributed import DistContext
-from .steptime import CLOCK
+from ..distributed.context import DistContext
+from ..resilience.steptime import CLOCK
 
 if TYPE_CHECKING:  # learner.py imports this module
     from .learner import Learner
@@ -32,7 +32,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if precision == "fp16":
         if device.type == "cpu":
-            from .config import ConfigError
+            from ..config import ConfigError
 
             # Measured here: 3 steps of ResNet-18 at batch 32 took 5 minutes (no native fp16 kernels).
             raise ConfigError("train.precision: fp16 on CPU is emulated, about 100x slower than fp32; "

@@ -1,4 +1,4 @@
-"""torchrun for launch/multinode.sh: ``python -m ddp_train.launch_agent [torchrun arguments]``.
+"""torchrun for launch/multinode.sh: ``python -m ddp_train.resilience.launch_agent [torchrun arguments]``.
 
 It runs ``torch.distributed.run`` unchanged, and turns the two ways such a job ends badly
 into a line and an exit code instead of an agent traceback:
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EXIT_USER_ERROR
+from ..errors import EXIT_USER_ERROR
 
 DEFAULT_TIMEOUT_S = 600  # torchrun's default for both the static and the c10d rendezvous
 

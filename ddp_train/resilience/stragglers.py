@@ -1,7 +1,7 @@
 """Stragglers: a rank that is persistently slower than the others, and whether in data or compute.
 
 Every ``dist.straggler_every_steps`` steps each rank takes its window from
-:data:`ddp_train.steptime.CLOCK` (mean seconds per step in data loading and in its own compute,
+:data:`ddp_train.resilience.steptime.CLOCK` (mean seconds per step in data loading and in its own compute,
 waits for other ranks excluded) and the ranks share it in one small all-gather. Rank 0 logs every
 rank's figures to TensorBoard (``ranks/data_s/rank<N>``, ``ranks/compute_s/rank<N>``) and names a
 rank whose figure exceeds ``dist.straggler_factor`` times the median of the other ranks' in two
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import DistContext
+from ..distributed.context import DistContext
 from .steptime import CLOCK
-from .tracking import NullTracker
+from ..tracking import NullTracker
 
 KINDS = ("data", "compute")
 MIN_GAP_S = 0.005  # below 5 ms a step, a "slower" rank costs nothing worth a line

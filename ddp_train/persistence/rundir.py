@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, remove_stale_temp_files, write_error_reason
-from .config import Config, dump_yaml
-from .distributed import DistContext
-from .errors import UserError
+from .checkpoint import remove_stale_temp_files
+from ..files import atomic_write_text, write_error_reason
+from ..config import Config, dump_yaml
+from ..distributed.context import DistContext
+from ..errors import UserError
 from .runlock import RunLock
 from .runrecord import RUN_FILE, read_record, record_for_start
 
@@ -27,7 +28,7 @@ from .runrecord import RUN_FILE, read_record, record_for_start
 def prepare_run_dir(cfg: Config, ctx: DistContext, resume: str | None) -> tuple[Path, RunLock | None, str | None]:
     """Rank 0 names and creates the run folder and takes its lock, before anything else is written.
 
-    The lock (``<run>/.lock``, see :mod:`ddp_train.runlock`) makes a second run that targets the
+    The lock (``<run>/.lock``, see :mod:`ddp_train.persistence.runlock`) makes a second run that targets the
     same folder stop here with one line; creating it also proves ``out_dir`` writable. Returns
     the folder, on rank 0 the lock to release when the run ends (:func:`release_run_dir`), and the
     resume setting every rank uses: ``auto`` when the folder's checkpoints are this same job's (a
@@ -105,7 +106,7 @@ def write_run_config(cfg: Config, ctx: DistContext, run_dir: Path,
     outcome; returns the run id (the same on every rank) for the checkpoints.
 
     ``origin``: the checkpoint resumed from (path, contents), which decides the run (see
-    :func:`~ddp_train.runrecord.record_for_start`). ``job`` names the job that owns the run from now
+    :func:`~ddp_train.persistence.runrecord.record_for_start`). ``job`` names the job that owns the run from now
     on (see :func:`claim_run_dir`).
     """
     run_id = ctx.run_agreed(_write_config, cfg, run_dir, ctx.job_id, origin, on_this_rank=ctx.is_main)

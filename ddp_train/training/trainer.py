@@ -18,22 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpointer, branch_for_resume, find_weights_at, step_file
-from .config import Config, dump_yaml, flat_keys
-from .data import DataBundle, Dataset, build_data, load_dataset_agreed
-from .distributed import DistContext
+from ..persistence.checkpoint import Checkpointer, branch_for_resume, find_weights_at, step_file
+from ..config import Config, dump_yaml, flat_keys
+from ..data import DataBundle, Dataset, build_data, load_dataset_agreed
+from ..distributed.context import DistContext
 from .engine import EpochStart, TrainResult, evaluate, precision_name, train_one_epoch
 from .learner import Learner, build_learner
-from .preflight import check_agreement
-from .resume import load_resume_checkpoint, restore
-from .rundir import prepare_run_dir, release_run_dir, write_run_config
-from .seeding import set_determinism
-from .signals import Preempted, StopFlag, until_stopped
-from .state import RunCheckpoints, TrainState
-from .steptime import CLOCK
-from .stragglers import StragglerReport
-from .tracking import NullTracker, Tracker
-from .watchdog import Watchdog
+from ..resilience.preflight import check_agreement
+from ..persistence.resume import load_resume_checkpoint, restore
+from ..persistence.rundir import prepare_run_dir, release_run_dir, write_run_config
+from ..seeding import set_determinism
+from ..resilience.signals import Preempted, StopFlag, until_stopped
+from ..persistence.state import RunCheckpoints, TrainState
+from ..resilience.steptime import CLOCK
+from ..resilience.stragglers import StragglerReport
+from ..tracking import NullTracker, Tracker
+from ..resilience.watchdog import Watchdog
 
 Weights = dict[str, torch.Tensor]
 
