@@ -20,7 +20,8 @@ from ddp_train.models import build_model
 from ddp_train.training.optim import Schedule, build_optimizer
 from ddp_train.persistence.resume import restore
 from ddp_train.seeding import seed_all
-from ddp_train.persistence.state import TrainState, checkpoint_contents
+from ddp_train.persistence.meta import DatasetMeta
+from ddp_train.persistence.state import TrainState, checkpoint_parts
 
 from .helpers import TINY
 
@@ -61,7 +62,8 @@ def test_a_checkpoint_restores_into_fresh_objects(tmp_path):
     state.gather(CPU, (12.5, 96))
     expected_draws = _draws()  # what a run continues with after this checkpoint
     path = tmp_path / "step-00000008-b1.pt"
-    atomic_save(checkpoint_contents(state, model, optimizer, schedule, scaler, cfg, dataset), path)
+    learner = Learner(model, model, optimizer, schedule, scaler, None, Batcher(CPU.device, False))
+    atomic_save(checkpoint_parts(state, learner, cfg, DatasetMeta.of(dataset)).state_dict(), path)
 
     loaded, why = try_load(path)
     assert why == "" and loaded is not None
@@ -71,10 +73,9 @@ def test_a_checkpoint_restores_into_fresh_objects(tmp_path):
 
     fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler = _parts(cfg, 2, steps_per_epoch)
     fresh = Learner(fresh_model, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler, None, Batcher(CPU.device, False))
-    fresh_schedule, lines = restore(loaded, path, cfg, fresh, dataset, steps_per_epoch)
-    assert lines == []
     fresh_state = TrainState(steps_per_epoch)
-    fresh_state.load_state_dict(loaded)
+    fresh_schedule, lines = restore(loaded, path, cfg, fresh, DatasetMeta.of(dataset), fresh_state)
+    assert lines == []
     assert fresh_state.resume_rank(CPU) == (12.5, 96)
 
     after = _draws()
@@ -105,3 +106,42 @@ def test_state_round_trip_and_refusals():
         TrainState(4).load_state_dict({**state.state_dict(), "format": FORMAT + 1})
     with pytest.raises(CheckpointError, match="missing best_step"):
         TrainState(4).load_state_dict({k: v for k, v in state.state_dict().items() if k != "best_step"})
+
+
+def test_the_registry_fills_every_checkpoint_key_once_and_loads_each_part_back():
+    """Save and restore are one walk over one registry: each key of checkpoint.KEYS is filled by one part,
+    in the declared order; a missing or doubled part is refused; loading hands each part its own entry."""
+    from ddp_train.persistence.checkpoint import KEYS
+    from ddp_train.persistence.parts import CheckpointParts, PartError, Recorded
+
+    cfg = load_config(None, [*TINY, "data.synthetic_size=20"])
+    dataset = load_dataset(cfg.data)
+    model, optimizer, schedule, scaler = _parts(cfg, 1, 5)
+    learner = Learner(model, model, optimizer, schedule, scaler, None, Batcher(CPU.device, False))
+    state = TrainState(5, epoch=1, step_in_epoch=2)
+    state.gather(CPU, (1.0, 4))
+    contents = checkpoint_parts(state, learner, cfg, DatasetMeta.of(dataset)).state_dict()
+    assert tuple(contents) == tuple(KEYS)
+    assert DatasetMeta.from_dict(contents["dataset"]) == DatasetMeta.of(dataset)
+
+    partial = CheckpointParts()
+    partial.register(None, state)
+    with pytest.raises(ValueError, match="differently from checkpoint.KEYS"):
+        partial.state_dict()  # the model, optimizer, ... are not registered
+    with pytest.raises(ValueError, match="registered twice"):
+        partial.register(None, state)
+    with pytest.raises(ValueError, match="not a checkpoint key"):
+        partial.register("ema", Recorded(1))
+
+    fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler = _parts(cfg, 2, 5)
+    fresh = Learner(fresh_model, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler, None,
+                    Batcher(CPU.device, False))
+    fresh_state = TrainState(5)
+    parts = checkpoint_parts(fresh_state, fresh, cfg, DatasetMeta.of(dataset))
+    parts.load_state_dict(contents)
+    assert fresh_state.global_step == 7 and fresh_state.partial == [(1.0, 4)]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh_model.state_dict().items())
+    broken = {**contents, "model": {"conv1.weight": torch.zeros(1)}}
+    with pytest.raises(PartError) as refused:
+        checkpoint_parts(TrainState(5), fresh, cfg, DatasetMeta.of(dataset)).load_state_dict(broken)
+    assert refused.value.key == "model"

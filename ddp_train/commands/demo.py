@@ -76,8 +76,8 @@ def run_info(trained: Any) -> dict[str, Any]:
     meta = trained.dataset
     info: dict[str, Any] = {
         "run": str(trained.config.get("run_name") or (run_dir.name if run_dir else trained.path.stem)),
-        "dataset": str(meta.get("name", "?")), "classes": trained.classes,
-        "input": f"{meta['channels']}x{meta['image_size']}x{meta['image_size']}",
+        "dataset": meta.name, "classes": trained.classes,
+        "input": f"{meta.channels}x{meta.image_size}x{meta.image_size}",
         "checkpoint": str(trained.path), "step": trained.global_step, "test": None,
     }
     metrics = run_dir / "metrics.json" if run_dir else None

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import Config, ConfigError, config_from_dict
 from ..errors import EXIT_USER_ERROR, UserError
+from ..persistence.meta import DatasetMeta
 from .common import SubcommandParser, fail
 
 SPLITS = ("test", "valid")
@@ -89,17 +90,17 @@ def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
     return ctx.run_agreed(_as_trained, dataset, trained.dataset)
 
 
-def _as_trained(dataset: Any, meta: dict[str, Any]) -> Any:
+def _as_trained(dataset: Any, meta: DatasetMeta) -> Any:
     """``dataset`` with the statistics the model was trained with; UserError when it is not the model's data."""
-    if list(dataset.classes) != list(meta["classes"]):
+    if tuple(dataset.classes) != meta.classes:
         raise UserError(f"the data's classes ({', '.join(dataset.classes[:12])}) are not the checkpoint's "
-                        f"({', '.join(list(meta['classes'])[:12])}); point data.name/data.root at the data "
+                        f"({', '.join(meta.classes[:12])}); point data.name/data.root at the data "
                         f"the model was trained on")
-    if dataset.channels != int(meta["channels"]) or dataset.image_size != int(meta["image_size"]):
+    if dataset.channels != meta.channels or dataset.image_size != meta.image_size:
         raise UserError(f"the data has {dataset.channels} channels of size {dataset.image_size}, the checkpoint "
-                        f"was trained on {meta['channels']} of size {meta['image_size']} (data.image_size?)")
+                        f"was trained on {meta.channels} of size {meta.image_size} (data.image_size?)")
     # The statistics the model was trained with (image_folder measures them on the data it sees).
-    return dataclasses.replace(dataset, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    return dataclasses.replace(dataset, mean=meta.mean, std=meta.std)
 
 
 def _pick_split(dataset: Any, cfg: Config, split: str) -> Any:

@@ -130,7 +130,7 @@ class Classifier:
         model = build_trained_model(trained, model_cfg.get("name", "resnet18"),
                                     width=int(model_cfg.get("width", 64))).to(dev)
         meta = trained.dataset
-        return cls(trained, model, eval_transform(meta["mean"], meta["std"]), dev)
+        return cls(trained, model, eval_transform(meta.mean, meta.std), dev)
 
     @property
     def classes(self) -> list[str]:
@@ -138,7 +138,7 @@ class Classifier:
 
     def classify(self, files: list[str], k: int) -> list[dict[str, Any]]:
         """``{"file", "top_k": [{"class", "index", "prob"}]}`` or ``{"file", "error"}`` per file, in order."""
-        channels, size = int(self.trained.dataset["channels"]), int(self.trained.dataset["image_size"])
+        channels, size = self.trained.dataset.channels, self.trained.dataset.image_size
         k = min(k, len(self.classes))
         inputs, errors = [], {}
         for path in files:

@@ -62,8 +62,16 @@ class CheckpointError(UserError):
 
 
 FORMAT = 2  # the checkpoint layout this version writes and the newest it reads
-REQUIRED = ("format", "epoch", "step_in_epoch", "global_step", "model", "optimizer", "scheduler", "best_valid_loss",
-            "best_step", "history", "config", "dataset", "world_size", "partial", "rng", "epoch_lr")
+# The checkpoint format, declared once: every key of a checkpoint file in the order written, and whether
+# a run needs it to continue (False: added within format 2, absent from older files, read with a default).
+# persistence.parts fills exactly these keys; nothing else lists them.
+KEYS: dict[str, bool] = {
+    "format": True, "run_id": False, "branch": False, "steps_per_epoch": False, "epoch": True, "step_in_epoch": True,
+    "global_step": True, "model": True, "optimizer": True, "scheduler": True, "scaler": False,
+    "best_valid_loss": True, "best_step": True, "history": True, "config": True, "dataset": True, "world_size": True,
+    "partial": True, "rng": True, "epoch_lr": True, "sample_digest": False,
+}
+REQUIRED = tuple(key for key, required in KEYS.items() if required)
 STEP_GLOB = "step-*.pt"
 _STEP_NAME = re.compile(r"^step-(\d+)(?:-b(\d+))?\.pt$")
 

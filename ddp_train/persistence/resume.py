@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from .checkpoint import CheckpointError, newest_valid, try_load
 from ..config import Config, ConfigError, allowed_changes, diff_configs
 from ..distributed.context import DistContext
 from ..training.optim import Schedule, build_optimizer
+from .meta import DatasetMeta
+from .parts import PartError
 from .runrecord import check_same_run
 
 if TYPE_CHECKING:  # only for annotations: importing them here would load the models and data at import
-    from ..data import Dataset
     from ..training.learner import Learner
+    from .state import TrainState
 
 # Config keys whose change, once accepted with resume_allow, rebuilds the schedule at the resumed step.
 SCHEDULE_KEYS = ("train.epochs", "train.lr", "train.scheduler", "train.lr_period", "train.lr_decay",
@@ -94,21 +95,18 @@ def check_config(ckpt: dict[str, Any], path: Path, cfg: Config) -> tuple[list[st
     return changing, neutral
 
 
-def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, dataset: Dataset,
-              model: nn.Module, optimizer: torch.optim.Optimizer, fresh_optimizer: bool) -> None:
-    """Raise CheckpointError (one line) when the checkpoint cannot be loaded into the configured run."""
+def check_fit(ckpt: dict[str, Any], path: Path, cfg: Config, meta: DatasetMeta, learner: Learner,
+              fresh_optimizer: bool) -> None:
+    """Raise CheckpointError (one line) when the checkpoint cannot be loaded into the configured run
+    (whose data is ``meta``); nothing is loaded here."""
     from .weights import describe_mismatch
 
-    classes, channels = dataset.classes, dataset.channels
+    model, optimizer = learner.model_without_ddp, learner.optimizer
     what = f"resume: {path} does not fit the configured run"
-    saved = ckpt["dataset"]
-    if list(saved.get("classes", [])) != list(classes):
-        raise CheckpointError(f"{what}: it was trained on {len(saved.get('classes', []))} classes "
-                              f"({', '.join(map(str, saved.get('classes', [])[:5]))}...), the data has {len(classes)} "
-                              f"({', '.join(classes[:5])}...); resume with the data it was trained on")
-    if int(saved.get("channels", channels)) != channels:
-        raise CheckpointError(f"{what}: it was trained on {saved['channels']}-channel images, the data has "
-                              f"{channels}; resume with the data it was trained on")
+    saved = DatasetMeta.from_dict(ckpt["dataset"])
+    why = saved.misfit(meta.classes, meta.channels) if saved else "it has no complete dataset metadata"
+    if why:
+        raise CheckpointError(f"{what}: {why}; resume with the data it was trained on")
     problem = describe_mismatch(model.state_dict(), ckpt["model"])
     if problem:
         model_cfg = ckpt["config"].get("model", {})
@@ -146,19 +144,23 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> set[str]:
     return set()
 
 
-def restore(ckpt: dict[str, Any], path: Path, cfg: Config, learner: Learner, dataset: Dataset,
-            steps_per_epoch: int) -> tuple[Schedule, list[str]]:
-    """Check, then load the checkpoint into the learner's bare model, optimizer, schedule and scaler.
+def restore(ckpt: dict[str, Any], path: Path, cfg: Config, learner: Learner, meta: DatasetMeta,
+            state: TrainState) -> tuple[Schedule, list[str]]:
+    """Check, then load the checkpoint through the registry of its parts (``state.checkpoint_parts``):
+    the learner's bare model, optimizer, schedule and scaler, and ``state`` (a fresh TrainState of this
+    run's steps per epoch, which it keeps).
 
     Returns the schedule to use (rebuilt when an accepted change touches it; ``learner.schedule`` is
     left for the caller to replace) and the lines to log. Raises ConfigError/CheckpointError, with
     nothing loaded that matters (the caller stops).
     """
-    model, optimizer, schedule, scaler = learner.model_without_ddp, learner.optimizer, learner.schedule, learner.scaler
+    from .state import checkpoint_parts
+
+    steps_per_epoch = state.steps_per_epoch
     changing, neutral = check_config(ckpt, path, cfg)
     changed = {c.split(":", 1)[0] for c in changing}
     fresh_optimizer = "train.optimizer" in changed
-    check_fit(ckpt, path, cfg, dataset, model, optimizer, fresh_optimizer)
+    check_fit(ckpt, path, cfg, meta, learner, fresh_optimizer)
     saved_spe = ckpt.get("steps_per_epoch", steps_per_epoch)
     if saved_spe != steps_per_epoch and ckpt["step_in_epoch"]:
         raise CheckpointError(f"resume: the accepted changes make {steps_per_epoch} steps per epoch instead of "
@@ -169,35 +171,31 @@ def restore(ckpt: dict[str, Any], path: Path, cfg: Config, learner: Learner, dat
         lines.append("resume: config changes that do not alter the training: " + "; ".join(neutral))
     if changing:
         lines.append("resume: accepted config changes (resume_allow): " + "; ".join(changing))
+    rebuild = bool(changed & set(SCHEDULE_KEYS + HYPER_KEYS)) or fresh_optimizer
+    skip = ("optimizer",) * fresh_optimizer + ("scheduler",) * rebuild
     try:
-        model.load_state_dict(ckpt["model"])
-        if not fresh_optimizer:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"resume: {path} does not load into the configured run: "
-                              f"{str(e).strip().splitlines()[0][:200]}") from None
-    if fresh_optimizer:
-        lines.append(f"resume: train.optimizer changed: the {cfg.train.optimizer} optimizer starts with empty state")
-    if changed & set(HYPER_KEYS):  # the loaded param groups hold the old values: take the config's
-        fresh = build_optimizer(model, cfg.train).param_groups
-        for group, new in zip(optimizer.param_groups, fresh):
-            group.update({k: v for k, v in new.items() if k != "params"})
-    if changed & set(SCHEDULE_KEYS + HYPER_KEYS) or fresh_optimizer:
-        # The new schedule, advanced to where the resumed run stands: under one-cycle with more
-        # epochs, the lr jumps to where the longer cycle is at this step.
-        for group in optimizer.param_groups:  # a new scheduler takes its base lr from the group, not the old one's
-            group.pop("initial_lr", None)
-            group["lr"] = cfg.train.lr
-        schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
-        schedule.advance(ckpt["epoch"] * steps_per_epoch + ckpt["step_in_epoch"], ckpt["epoch"])
-        lines.append(f"resume: schedule rebuilt for the new config at global step "
-                     f"{ckpt['epoch'] * steps_per_epoch + ckpt['step_in_epoch']} (lr {schedule.lr:.5g})")
-    else:
-        try:
-            schedule.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        checkpoint_parts(state, learner, cfg, meta).load_state_dict(ckpt, skip=skip)
+    except PartError as e:
+        if e.key == "scheduler":
             raise CheckpointError(f"resume: {path}: its scheduler state does not load ({e}); "
                                   f"accept a schedule change with resume_allow=train.scheduler") from None
+        raise CheckpointError(f"resume: {path} does not load into the configured run: {e}") from None
+    state.steps_per_epoch = steps_per_epoch  # this run's: another one is accepted only at an epoch end (above)
+    if fresh_optimizer:
+        lines.append(f"resume: train.optimizer changed: the {cfg.train.optimizer} optimizer starts with empty state")
+    if not rebuild:
+        return learner.schedule, lines
+    optimizer = learner.optimizer
+    if changed & set(HYPER_KEYS):  # the loaded param groups hold the old values: take the config's
+        fresh = build_optimizer(learner.model_without_ddp, cfg.train).param_groups
+        for group, new in zip(optimizer.param_groups, fresh):
+            group.update({k: v for k, v in new.items() if k != "params"})
+    # The new schedule, advanced to where the resumed run stands: under one-cycle with more
+    # epochs, the lr jumps to where the longer cycle is at this step.
+    for group in optimizer.param_groups:  # a new scheduler takes its base lr from the group, not the old one's
+        group.pop("initial_lr", None)
+        group["lr"] = cfg.train.lr
+    schedule = Schedule(optimizer, cfg.train, steps_per_epoch)
+    schedule.advance(state.global_step, state.epoch)
+    lines.append(f"resume: schedule rebuilt for the new config at global step {state.global_step} (lr {schedule.lr:.5g})")
     return schedule, lines

@@ -1,11 +1,12 @@
-"""Where a training run stands, and the one place a checkpoint's contents are put together.
+"""Where a training run stands, and the checkpoint's parts put together in one place.
 
 :class:`TrainState` is what a resume needs besides the model, optimizer, schedule and loss
 scaler: position, best epoch, history, the interrupted epoch's running sums and every rank's
-random state. :func:`checkpoint_contents` adds those four objects and what eval/predict need
-(config, dataset metadata); its keys are the on-disk checkpoint format (:data:`LAYOUT`).
-:class:`RunCheckpoints` writes them during a run, all ranks together. ``resume.restore`` loads
-the four objects back, :meth:`TrainState.load_state_dict` the rest.
+random state. :func:`checkpoint_parts` registers it with those four objects and what eval/predict
+need (config, dataset metadata) in the one registry (:class:`~ddp_train.persistence.parts.CheckpointParts`)
+whose keys are the on-disk format (:data:`~ddp_train.persistence.checkpoint.KEYS`).
+:class:`RunCheckpoints` writes them during a run, all ranks together; ``resume.restore`` hands
+them back through the same registry.
 """
 
 from __future__ import annotations
@@ -17,25 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .checkpoint import FORMAT, REQUIRED, Checkpointer, CheckpointError, check_format
 from ..config import Config
-from ..data import Dataset
 from ..distributed.context import DistContext
 from ..errors import UserError
 from ..training.learner import Learner
-from ..training.optim import Schedule
+from .meta import DatasetMeta
+from .parts import CheckpointParts, Recorded, Scaler
 from ..seeding import get_rng_state, set_rng_state
 from ..resilience.status import current as current_status
-
-# Every key of a checkpoint file, in the order written (checkpoint.FORMAT 2).
-LAYOUT = ("format", "run_id", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model", "optimizer",
-          "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset", "world_size",
-          "partial", "rng", "epoch_lr", "sample_digest")
-# The keys TrainState writes and reads; the others are the model, optimizer, schedule, scaler, config, dataset.
-STATE_KEYS = tuple(k for k in LAYOUT if k not in ("model", "optimizer", "scheduler", "scaler", "config", "dataset"))
 
 
 @dataclass
@@ -94,7 +86,7 @@ class TrainState:
         return 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries of this state (:data:`STATE_KEYS`)."""
+        """This state's checkpoint entries (top-level keys of the checkpoint: a flat part of the registry)."""
         return {
             "format": FORMAT, "branch": self.branch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -106,7 +98,8 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the entries of :meth:`state_dict` (or of a whole checkpoint); CheckpointError when it is not
         a state this version can continue from (another format version, missing keys)."""
-        why = check_format(state, tuple(k for k in REQUIRED if k in STATE_KEYS))
+        own = self.state_dict()
+        why = check_format(state, tuple(k for k in REQUIRED if k in own))
         if why:
             raise CheckpointError(f"training state: {why}")
         self.steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))  # both optional (REQUIRED)
@@ -131,25 +124,19 @@ def fold_digest(digest: str, ids: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_meta(dataset: Dataset) -> dict[str, Any]:
-    """What eval/predict need to rebuild the model and its input transform from a checkpoint alone."""
-    return {
-        "name": dataset.name, "classes": list(dataset.classes), "channels": dataset.channels,
-        "image_size": dataset.image_size, "mean": list(dataset.mean), "std": list(dataset.std),
-    }
-
-
-def checkpoint_contents(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                        scaler: torch.amp.GradScaler, cfg: Config, dataset: Dataset) -> dict[str, Any]:
-    """A full checkpoint: ``state`` (gathered), the bare model's weights, optimizer, schedule and scaler
+def checkpoint_parts(state: TrainState, learner: Learner, cfg: Config, meta: DatasetMeta) -> CheckpointParts:
+    """The registry of everything a checkpoint holds, for saving (``state_dict``) and for a resume
+    (``load_state_dict``): the state (flat), the bare model's weights, optimizer, schedule and scaler
     states, and the config and dataset metadata. Tensors and plain types only (``weights_only`` loads it)."""
-    contents = {
-        **state.state_dict(),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "config": cfg.to_dict(), "dataset": dataset_meta(dataset),
-    }
-    return {key: contents[key] for key in LAYOUT}
+    parts = CheckpointParts()
+    parts.register(None, state)
+    parts.register("model", learner.model_without_ddp)
+    parts.register("optimizer", learner.optimizer)
+    parts.register("scheduler", learner.schedule)
+    parts.register("scaler", Scaler(learner.scaler))
+    parts.register("config", Recorded(cfg.to_dict()))
+    parts.register("dataset", Recorded(meta.to_dict()))
+    return parts
 
 
 @dataclass
@@ -159,7 +146,7 @@ class RunCheckpoints:
     ctx: DistContext
     checkpointer: Checkpointer
     cfg: Config
-    dataset: Dataset
+    meta: DatasetMeta
     learner: Learner
 
     @property
@@ -175,9 +162,7 @@ class RunCheckpoints:
         error). In the background, a failure of the previous write is kept for the next step.
         """
         state.gather(self.ctx, partial)
-        parts = self.learner
-        contents = checkpoint_contents(state, parts.model_without_ddp, parts.optimizer, parts.schedule, parts.scaler,
-                                       self.cfg, self.dataset)
+        contents = checkpoint_parts(state, self.learner, self.cfg, self.meta).state_dict()
         current_status().checkpoint(state.global_step, self.checkpointer.last)  # progress, for launch scripts
         if not background:
             return self.ctx.run_agreed(self.checkpointer.save, contents, state.global_step, improved)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import safe_load
+from .meta import DatasetMeta
 from ..errors import UserError
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -156,18 +157,21 @@ class Trained:
     path: Path
     weights: dict[str, torch.Tensor]
     config: dict[str, Any]  # Config.to_dict() of the training run
-    dataset: dict[str, Any]  # name, classes, channels, image_size, mean, std
+    dataset: DatasetMeta  # name, classes, channels, image size, normalisation
     global_step: int | None
     meta_from: Path  # the file the config and dataset came from (path itself, or best.pt/last.pt beside it)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.dataset["classes"])
+        return list(self.dataset.classes)
 
 
-def _has_meta(obj: Any) -> bool:
-    return (isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("dataset"), dict)
-            and {"classes", "channels", "image_size", "mean", "std"} <= set(obj["dataset"]))
+def _meta(obj: Any) -> tuple[dict[str, Any], DatasetMeta] | None:
+    """A checkpoint's config and dataset metadata, or None when it lacks them."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
+        return None
+    meta = DatasetMeta.from_dict(obj.get("dataset"))
+    return None if meta is None else (obj["config"], meta)
 
 
 def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
@@ -176,10 +180,11 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
     obj = read_weights_file(p, what)
     weights = extract_state_dict(obj, p, what)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a full checkpoint
-        if not _has_meta(obj):
+        found = _meta(obj)
+        if found is None:
             raise WeightsError(f"{what}: {p} has no config or dataset metadata (class names, normalisation); "
                                f"pass a checkpoint written by this version of ddp_train")
-        return Trained(p, weights, obj["config"], obj["dataset"], obj.get("global_step"), p)
+        return Trained(p, weights, *found, obj.get("global_step"), p)
     for sibling in ("best.pt", "last.pt"):
         candidate = p.parent / sibling
         if candidate.is_file() and candidate.resolve() != p.resolve():
@@ -188,8 +193,9 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
             except WeightsError as e:
                 print(f"ddp_train: {e}; not using it for the metadata", file=sys.stderr)
                 continue
-            if _has_meta(meta):
-                return Trained(p, weights, meta["config"], meta["dataset"], None, candidate)
+            found = _meta(meta)
+            if found is not None:
+                return Trained(p, weights, *found, None, candidate)
     raise WeightsError(f"{what}: {p} holds weights only (no config, class names or normalisation), and there is no "
                        f"usable best.pt or last.pt beside it to take them from; pass the run's checkpoints/best.pt")
 
@@ -199,10 +205,10 @@ def build_trained_model(trained: Trained, model_name: str, what: str = "--checkp
     from ..models import build_model
 
     ds = trained.dataset
-    model = build_model(model_name, len(ds["classes"]), int(ds["channels"]), width=width)
+    model = build_model(model_name, len(ds.classes), ds.channels, width=width)
     problem = describe_mismatch(model.state_dict(), trained.weights)
     if problem:
-        raise WeightsError(f"{what}: {trained.path} does not fit {model_name} with {ds['channels']} channels and "
-                           f"{len(ds['classes'])} classes: {problem}")
+        raise WeightsError(f"{what}: {trained.path} does not fit {model_name} with {ds.channels} channels and "
+                           f"{len(ds.classes)} classes: {problem}")
     model.load_state_dict(trained.weights)
     return model.eval()

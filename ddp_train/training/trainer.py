@@ -29,6 +29,7 @@ from ..persistence.resume import load_resume_checkpoint, restore
 from ..persistence.rundir import prepare_run_dir, release_run_dir, write_run_config
 from ..seeding import set_determinism
 from ..resilience.signals import Preempted, StopFlag, until_stopped
+from ..persistence.meta import DatasetMeta
 from ..persistence.state import RunCheckpoints, TrainState
 from ..resilience.steptime import CLOCK
 from ..resilience.stragglers import StragglerReport
@@ -115,7 +116,7 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     for line in lines:
         tracker.info(line)
     checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep, state.branch)
-    return Run(run_dir, dataset, data, learner, state, RunCheckpoints(ctx, checkpointer, cfg, dataset, learner),
+    return Run(run_dir, dataset, data, learner, state, RunCheckpoints(ctx, checkpointer, cfg, DatasetMeta.of(dataset), learner),
                tracker, partial, resumed_from)
 
 
@@ -127,11 +128,8 @@ def continue_from(ckpt: dict[str, Any], path: Path, cfg: Config, ctx: DistContex
     (accepted config changes, then where the run resumes). An accepted config change that alters
     the schedule replaces ``learner.schedule``.
     """
-    steps_per_epoch = len(data.train)
-    learner.schedule, lines = ctx.run_agreed(restore, ckpt, path, cfg, learner, data.dataset, steps_per_epoch)
-    state = TrainState(steps_per_epoch)
-    state.load_state_dict(ckpt)
-    state.steps_per_epoch = steps_per_epoch  # this run's: restore() accepts another one only at an epoch end
+    state = TrainState(len(data.train))
+    learner.schedule, lines = ctx.run_agreed(restore, ckpt, path, cfg, learner, DatasetMeta.of(data.dataset), state)
     partial = state.resume_rank(ctx)
     # Going back to an older checkpoint starts a branch, so the newer files are neither overwritten nor pruned.
     state.branch = ctx.broadcast_object(branch_for_resume(run_dir / "checkpoints", path, ckpt)
