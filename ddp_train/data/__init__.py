@@ -113,7 +113,7 @@ def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> 
 def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     """Per-rank loaders over ``dataset``; the per-rank batch is the global batch / world size."""
     train, valid, test = build_splits(dataset, cfg)
-    per_rank = cfg.train.batch_size // ctx.world_size
+    per_rank = cfg.train.per_rank_batch(ctx.world_size)
     if len(train) // ctx.world_size < per_rank:  # both input paths drop the last partial batch
         raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
                           f"batch; lower train.batch_size or raise data.subset")

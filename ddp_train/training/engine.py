@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..config import check_precision
 from ..distributed.context import DistContext
 from ..resilience.steptime import CLOCK
 
@@ -31,12 +32,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":
-        if device.type == "cpu":
-            from ..config import ConfigError
-
-            # Measured here: 3 steps of ResNet-18 at batch 32 took 5 minutes (no native fp16 kernels).
-            raise ConfigError("train.precision: fp16 on CPU is emulated, about 100x slower than fp32; "
-                              "use bf16 (native on CPUs with AVX512-BF16/AMX) or fp32")
+        check_precision(precision, device.type)  # refused on CPU
         return torch.float16
     # auto: bf16 where the hardware does it natively; fp16 (with a scaler) on GPUs before bf16.
     if device.type == "cuda":

@@ -274,7 +274,7 @@ def train_epoch(cfg: Config, ctx: DistContext, run: Run, on_step: StepHook, part
     with this rank's running sums ``partial``."""
     state, learner, loader = run.state, run.learner, run.data.train
     run.data.sampler.set_epoch(state.epoch)
-    run.data.sampler.skip = state.step_in_epoch * (cfg.train.batch_size // ctx.world_size)
+    run.data.sampler.skip = state.step_in_epoch * cfg.train.per_rank_batch(ctx.world_size)
     progress = functools.partial(run.tracker.progress, total=len(loader),
                                  desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}")
     return train_one_epoch(learner, loader, ctx, learner.step_options(cfg), on_step, progress,
