@@ -86,7 +86,7 @@ def _dataset(cfg: Config, trained: Any, ctx: Any) -> Any:
     """The dataset, checked against the checkpoint, normalised with the training statistics."""
     from ..data import load_dataset_agreed
 
-    dataset = load_dataset_agreed(cfg, ctx)
+    dataset = load_dataset_agreed(cfg.data, ctx)
     return ctx.run_agreed(_as_trained, dataset, trained.dataset)
 
 

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, DataConfig
 from ..distributed.context import DistContext
 from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
@@ -51,17 +51,17 @@ class DataBundle:
         return self.train.dataset.indices[self.sampler.global_batch(step, batch_size)]
 
 
-def load_dataset_agreed(cfg: Config, ctx: DistContext) -> Dataset:
+def load_dataset_agreed(cfg: DataConfig, ctx: DistContext) -> Dataset:
     """Every rank loads the data; a failure on any rank stops all of them with its message.
 
     With ``data.download`` the first rank of each node downloads while the others wait, so
     two processes never write the same files.
     """
-    if not (cfg.data.download and ctx.distributed):
-        return ctx.run_agreed(load_dataset, cfg.data)
+    if not (cfg.download and ctx.distributed):
+        return ctx.run_agreed(load_dataset, cfg)
     first = ctx.local_rank == 0
-    downloaded = ctx.run_agreed(load_dataset, cfg.data, on_this_rank=first)
-    from_disk = ctx.run_agreed(load_dataset, cfg.data, on_this_rank=not first)  # the node's copy, now complete
+    downloaded = ctx.run_agreed(load_dataset, cfg, on_this_rank=first)
+    from_disk = ctx.run_agreed(load_dataset, cfg, on_this_rank=not first)  # the node's copy, now complete
     return downloaded if first else from_disk
 
 
@@ -82,7 +82,7 @@ def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitData
     return train, valid, test
 
 
-def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> tuple[bool, str]:
+def use_device_resident(dataset: Dataset, cfg: DataConfig, device: torch.device) -> tuple[bool, str]:
     """data.device_resident resolved, and the reason in words (for the run's first line).
 
     auto: on whenever the dataset is in memory (synthetic, Fashion-MNIST, CIFAR-10) and fits: on CPU
@@ -93,7 +93,7 @@ def use_device_resident(dataset: Dataset, cfg: Config, device: torch.device) -> 
     sources = [s for s in (dataset.train, dataset.valid, dataset.test) if s is not None]
     in_memory = all(s.images is not None for s in sources)
     size = sum(nbytes(s.images) for s in sources if s.images is not None)
-    setting = cfg.data.device_resident
+    setting = cfg.device_resident
     if setting is False:
         return False, "data.device_resident=false"
     if not in_memory:
@@ -117,7 +117,7 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     if len(train) // ctx.world_size < per_rank:  # both input paths drop the last partial batch
         raise ConfigError(f"train.batch_size: the training split has {len(train)} samples, fewer than one global "
                           f"batch; lower train.batch_size or raise data.subset")
-    resident, why = use_device_resident(dataset, cfg, ctx.device)
+    resident, why = use_device_resident(dataset, cfg.data, ctx.device)
     if resident:
         return _resident(dataset, cfg, ctx, (train, valid, test), per_rank, why)
     pin = ctx.device.type == "cuda"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..persistence.checkpoint import Checkpointer, branch_for_resume, find_weights_at, step_file
-from ..config import Config, dump_yaml, flat_keys
+from ..config import Config, DistConfig, dump_yaml, flat_keys
 from ..data import DataBundle, Dataset, build_data, load_dataset_agreed
 from ..distributed.context import DistContext
 from .engine import EpochStart, TrainResult, evaluate, precision_name, train_one_epoch
@@ -71,7 +71,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
     try:
         run = set_up(cfg, ctx, run_dir, resume)
         stragglers = StragglerReport(ctx, cfg.dist.straggler_every_steps, cfg.dist.straggler_factor, run.tracker)
-        with watch_for_hangs(cfg, ctx, run_dir):
+        with watch_for_hangs(cfg.dist, ctx, run_dir):
             best_weights = train_epochs(cfg, ctx, run, stop_flag, stragglers)
             return finish(cfg, ctx, run, best_weights, stop_flag)
     finally:
@@ -80,14 +80,14 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
         release_run_dir(lock, run_dir)
 
 
-def watch_for_hangs(cfg: Config, ctx: DistContext, run_dir: Path) -> contextlib.AbstractContextManager:
+def watch_for_hangs(cfg: DistConfig, ctx: DistContext, run_dir: Path) -> contextlib.AbstractContextManager:
     """The hang watchdog over the training loop and the test (off with ``dist.hang_timeout_s: 0``, or when
     the ranks share no store: processes started by hand, as in the tests' ``spawn``)."""
-    if not cfg.dist.hang_timeout_s or (ctx.distributed and ctx.store_addr is None):
+    if not cfg.hang_timeout_s or (ctx.distributed and ctx.store_addr is None):
         return contextlib.nullcontext()
     # One process watches itself: it has nobody to heartbeat to (and under torchrun with
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, nobody hosts a store at MASTER_ADDR for a group of one).
-    return Watchdog(ctx.rank, ctx.world_size, cfg.dist.hang_timeout_s, run_dir,
+    return Watchdog(ctx.rank, ctx.world_size, cfg.hang_timeout_s, run_dir,
                     ctx.store_addr if ctx.distributed else None, f"attempt{ctx.restart_count}")
 
 
@@ -100,7 +100,7 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     Everything that can be wrong with the input is found here, on every rank together, before
     the first write.
     """
-    dataset = load_dataset_agreed(cfg, ctx)
+    dataset = load_dataset_agreed(cfg.data, ctx)
     check_agreement(cfg, ctx, dataset)  # same code, config and data on every rank, before any write
     data = ctx.run_agreed(build_data, dataset, cfg, ctx)
     steps_per_epoch = len(data.train)
