@@ -27,7 +27,7 @@ from ddp_train.config import load_config, validate_for_world
 from ddp_train.data import build_data, load_dataset
 from ddp_train.distributed.context import detect_launch, environ, init_distributed, shutdown
 from ddp_train.training.engine import (Batcher, StepOptions, autocast_dtype, grad_scaler, precision_name, train_one_epoch,
-                              train_step)
+                                       train_step)
 from ddp_train.training.learner import Learner, build_training_model
 from ddp_train.training.optim import Schedule, build_optimizer
 

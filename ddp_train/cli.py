@@ -20,7 +20,7 @@ from .commands import run as run_subcommand
 from .commands.common import fail
 from .config import ConfigError, describe_keys, load_config, validate_for_device, validate_for_world
 from .distributed.context import (DistContext, LaunchError, PeerFailed, detect_launch, device_kind, environ, init_distributed,
-                          peer_gone, shutdown)
+                                  peer_gone, shutdown)
 from .errors import EXIT_CHECKPOINTED, UserError
 from .distributed.localcomm import PeerGone
 from .resilience.rendezvous import StartupEnded

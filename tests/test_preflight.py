@@ -19,7 +19,7 @@ from ddp_train.config import load_config
 from ddp_train.data import load_dataset
 from ddp_train.distributed.context import DistContext
 from ddp_train.resilience.preflight import (NODE_LOCAL_KEYS, PACKAGE_DIR, PreflightError, check_agreement, differences,
-                                 fingerprint, mismatch_message)
+                                            fingerprint, mismatch_message)
 
 from .helpers import FASHION_ROOT, ROOT, TINY, clean_env, free_port, spawn
 

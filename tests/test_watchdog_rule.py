@@ -8,17 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddp_train.resilience.watchdog import (
-    ALL_WAITING,
-    NOT_RESPONDING,
-    NOT_WAITING,
-    Beat,
-    Verdict,
-    beat_words,
-    decide,
-    hang_summary,
-    silent_here,
-    store_down_line,
-)
+                                           ALL_WAITING,
+                                           NOT_RESPONDING,
+                                           NOT_WAITING,
+                                           Beat,
+                                           Verdict,
+                                           beat_words,
+                                           decide,
+                                           hang_summary,
+                                           silent_here,
+                                           store_down_line,
+                                           )
 
 from .helpers import ROOT
 
