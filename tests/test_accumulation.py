@@ -143,6 +143,7 @@ def test_micro_batch_size_must_divide_the_per_rank_batch():
         load_config(None, ["train.micro_batch_size=0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, nproc, message", [
     ("train.micro_batch_size=5", 0, "train.micro_batch_size: expected a divisor of the per-rank batch 32"),
     ("train.micro_batch_size=32", 2, "train.micro_batch_size: expected a divisor of the per-rank batch 16 "

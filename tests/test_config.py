@@ -105,6 +105,7 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["train.lrr=0.1", "train.batch_size=33"])
 def test_torchrun_bad_config_exits_2_on_both_ranks_quickly(tmp_path, bad):
     start = time.monotonic()

@@ -206,6 +206,7 @@ def test_cifar10_offline_messages(tmp_path):
         load_dataset(load_config(None, ["data.name=cifar10", f"data.root={tmp_path}", "data.download=true"]).data)
 
 
+@pytest.mark.slow
 def test_torchrun_data_error_stops_both_ranks_with_one_line(tmp_path):
     res = run_cli(["data.name=fashion_mnist", f"data.root={tmp_path}", f"out_dir={tmp_path}"], nproc=2, timeout=120)
     assert res.returncode != 0

@@ -98,6 +98,7 @@ def test_a_rank_stuck_in_data_loading_is_named_with_its_stack(tmp_path):
     assert (tmp_path / "r" / "hang" / "rank0.txt").exists()
 
 
+@pytest.mark.slow
 def test_one_process_stuck_exits_with_the_hang_code(tmp_path):
     res = subprocess.run([sys.executable, SLOW_ENTRY, *TINY, f"out_dir={tmp_path}", "run_name=r",
                           "dist.hang_timeout_s=3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -108,6 +109,7 @@ def test_one_process_stuck_exits_with_the_hang_code(tmp_path):
     assert "in _sleep_in_data_loading" in (tmp_path / "r" / "hang" / "rank0.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_short_timeout_does_not_fire_on_a_healthy_run(tmp_path):
     # Epoch ends, validation, checkpoints and the test evaluation all count as progress.
     res = run_cli([*TINY, "train.epochs=3", "checkpoint.every_steps=2", f"out_dir={tmp_path}", "run_name=r",
