@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, ConfigError, config_from_dict
-from ..errors import EXIT_USER_ERROR, UserError
+from ..errors import UserError
 from ..persistence.meta import DatasetMeta
-from .common import SubcommandParser, fail
+from .common import SubcommandParser
 
 SPLITS = ("test", "valid")
 
@@ -246,18 +246,23 @@ def _publish(report: dict[str, Any], header: str, args: argparse.Namespace, run_
 
 
 def main(argv: list[str]) -> int:
-    from ..distributed.context import LaunchError, PeerFailed, detect_launch, environ, init_distributed, shutdown
-    from ..resilience.rendezvous import StartupEnded
+    from ..envelope import exit_code_of
+
+    return exit_code_of(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    """The evaluation in the envelope (ddp_train/envelope.py), as training runs in it."""
+    from ..distributed.context import environ
+    from ..envelope import checked_input, launch_info, process_group
     from ..persistence.weights import build_trained_model, load_trained
 
-    try:
-        launch = detect_launch(environ())
-    except LaunchError as e:
-        return fail(str(e))
+    env = environ()
+    launch = launch_info(env)
     args = _parser(launch.rank).parse_args(argv)
     # Everything that can be wrong with the input is found here, identically on every rank,
     # before any process group: one line from rank 0, exit 2 everywhere, no hang.
-    try:
+    with checked_input(launch.rank):
         split, overrides = split_and_overrides(args.args)
         trained = load_trained(args.checkpoint)
         cfg = config_from_dict(trained.config, overrides)
@@ -265,30 +270,15 @@ def main(argv: list[str]) -> int:
         if args.output and Path(args.output).is_dir():
             raise UserError(f"--output {args.output} is a folder; name a file")
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(trained.path)
-    except UserError as e:
-        return fail(str(e), launch.rank)
 
-    try:
-        ctx = init_distributed(launch, cfg.dist.backend, cfg.dist.timeout_s)
-    except LaunchError as e:
-        return fail(str(e), launch.rank)
-    except StartupEnded as e:  # the rendezvous timed out, or lost rank 0: one line for the job
-        if e.report:
-            print(e.line, file=sys.stderr, flush=True)
-        return e.exit_code
-    try:
+    with process_group(launch, cfg.dist.backend, cfg.dist.timeout_s, env) as ctx:
         result, report = run_eval(cfg, trained, model, split, ctx)
         if ctx.is_main:
             step = f" (global step {trained.global_step})" if trained.global_step is not None else ""
             header = (f"eval {trained.path}{step} | {split} split: {result.count} samples, {len(trained.classes)} "
                       f"classes | {ctx.launcher} x{ctx.world_size} on {ctx.device} | {report['precision']}")
-            _publish(report, header, args, run_dir)
-    except PeerFailed:
-        return EXIT_USER_ERROR
-    except UserError as e:
-        return fail(str(e), 0, getattr(e, "report", True))
-    except OSError as e:
-        return fail(f"cannot write the results: {e}", 0)
-    finally:
-        shutdown(ctx)
+            try:
+                _publish(report, header, args, run_dir)
+            except OSError as e:
+                raise UserError(f"cannot write the results: {e}") from None
     return 0

@@ -23,7 +23,7 @@ from .localcomm import LocalGroup, PeerGone, open_local_group
 from ..resilience.rendezvous import Rendezvous
 from ..resilience.steptime import CLOCK
 
-Launcher = Literal["torchrun", "slurm", "single"]
+Launcher = Literal["torchrun", "slurm", "single", "external"]  # external: a group the caller formed
 T = TypeVar("T")
 
 
