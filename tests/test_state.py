@@ -28,7 +28,8 @@ from .helpers import TINY
 # The keys of a checkpoint on disk: eval, predict, fine-tuning and resume read them by name.
 CHECKPOINT_KEYS = {"format", "branch", "steps_per_epoch", "epoch", "step_in_epoch", "global_step", "model",
                    "optimizer", "scheduler", "scaler", "best_valid_loss", "best_step", "history", "config", "dataset",
-                   "world_size", "partial", "rng", "epoch_lr", "sample_digest", "run_id"}
+                   "world_size", "partial", "rng", "epoch_lr", "sample_digest", "run_id",
+                   "ema", "grad_norm", "early_stop"}
 CPU = DistContext("single", 0, 0, 1, torch.device("cpu"))
 
 
@@ -131,7 +132,7 @@ def test_the_registry_fills_every_checkpoint_key_once_and_loads_each_part_back()
     with pytest.raises(ValueError, match="registered twice"):
         partial.register(None, state)
     with pytest.raises(ValueError, match="not a checkpoint key"):
-        partial.register("ema", Recorded(1))
+        partial.register("no_such_key", Recorded(1))
 
     fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler = _parts(cfg, 2, 5)
     fresh = Learner(fresh_model, fresh_model, fresh_optimizer, fresh_schedule, fresh_scaler, None,

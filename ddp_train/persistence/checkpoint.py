@@ -70,6 +70,8 @@ KEYS: dict[str, bool] = {
     "global_step": True, "model": True, "optimizer": True, "scheduler": True, "scaler": False,
     "best_valid_loss": True, "best_step": True, "history": True, "config": True, "dataset": True, "world_size": True,
     "partial": True, "rng": True, "epoch_lr": True, "sample_digest": False,
+    # docs/recipes.md: each None while its feature is off.
+    "ema": False, "grad_norm": False, "early_stop": False,
 }
 REQUIRED = tuple(key for key, required in KEYS.items() if required)
 STEP_GLOB = "step-*.pt"
@@ -214,7 +216,7 @@ class Checkpointer:
         _link(path, self.last)
         if improved:
             _link(path, self.best)
-            atomic_save(state["model"], self.weights)
+            atomic_save(evaluated_weights(state), self.weights)
         self._prune(path)
 
     def _prune(self, written: Path) -> None:
@@ -310,8 +312,15 @@ def find_weights_at(step: int, branch: int, folders: list[Path]) -> dict[str, to
             if (folder / name).exists():
                 state, _ = try_load(folder / name)
                 if state is not None and state["global_step"] == step:
-                    return state["model"]
+                    return evaluated_weights(state)
     return None
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's run validated, tested and exports to ``model.pth``: its EMA copy when the run
+    evaluated that (``train.eval_weights: ema``, docs/recipes.md: "EMA of the weights"), else its ``model``."""
+    ema = state.get("ema")
+    return ema["weights"] if isinstance(ema, dict) and ema.get("evaluated") else state["model"]
 
 
 def newest_valid(folder: Path, report: Any = print) -> tuple[Path, dict[str, Any]] | None:

@@ -136,6 +136,10 @@ def checkpoint_parts(state: TrainState, learner: Learner, cfg: Config, meta: Dat
     parts.register("scaler", Scaler(learner.scaler))
     parts.register("config", Recorded(cfg.to_dict()))
     parts.register("dataset", Recorded(meta.to_dict()))
+    # The recipe's extras (training/ema.py, clipping.py, stopping.py); None in the file while off.
+    parts.register("ema", learner.ema or Recorded(None))
+    parts.register("grad_norm", learner.grad_clip or Recorded(None))
+    parts.register("early_stop", learner.early_stop or Recorded(None))
     return parts
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import safe_load
+from .checkpoint import evaluated_weights, safe_load
 from .meta import DatasetMeta
 from ..errors import UserError
 
@@ -180,6 +180,9 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
     obj = read_weights_file(p, what)
     weights = extract_state_dict(obj, p, what)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a full checkpoint
+        # The weights its run evaluated: the EMA copy under train.eval_weights: ema, as in model.pth.
+        evaluated = evaluated_weights(obj)
+        weights = strip_prefixes(evaluated) if _is_state_dict(evaluated) else weights
         found = _meta(obj)
         if found is None:
             raise WeightsError(f"{what}: {p} has no config or dataset metadata (class names, normalisation); "

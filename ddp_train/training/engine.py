@@ -19,6 +19,7 @@ from ..distributed.context import DistContext
 from ..resilience.steptime import CLOCK
 
 if TYPE_CHECKING:  # learner.py imports this module
+    from .clipping import GradClip
     from .learner import Learner
 
 
@@ -122,6 +123,7 @@ class StepOptions:
     label_smoothing: float = 0.0
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (None or disabled: no scaling)
     micro_batch_size: int | None = None  # gradient accumulation (None: the whole batch at once)
+    clip: GradClip | None = None  # gradient clipping by global norm, once per step (None: off)
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,13 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
         with contextlib.nullcontext() if last else _no_sync(model):
             with _autocast(images.device, amp_dtype):
                 logits = model(x)
-            loss = F.cross_entropy(_at_least_fp32(logits), y, label_smoothing=label_smoothing)
-            share = loss if len(parts) == 1 else loss * (y.numel() / labels.numel())
+            loss = _loss(_at_least_fp32(logits), y, label_smoothing)
+            share = loss if len(parts) == 1 else loss * (len(y) / len(labels))
             (scaler.scale(share) if scaling else share).backward()  # type: ignore[union-attr]
         shares.append(share.detach())
     CLOCK.backward_done()  # after the last (all-reducing) backward: the wait for its buckets is timed
+    if options.clip is not None:  # once per optimizer step, on the global batch's gradient (the same on every rank)
+        options.clip([p for group in optimizer.param_groups for p in group["params"]], optimizer, scaler)
     if scaling:
         scaler.step(optimizer)  # type: ignore[union-attr]  # skipped when the scaled gradients overflowed
         scaler.update()  # type: ignore[union-attr]
@@ -176,7 +180,7 @@ def micro_batches(images: torch.Tensor, labels: torch.Tensor,
     size alone. Batch norm without SyncBN normalises over exactly these groups, so a run keeps its
     results at any world size as long as ``train.micro_batch_size`` stays the same.
     """
-    n = labels.numel()
+    n = len(labels)
     if micro_batch_size is None or micro_batch_size >= n:
         return [(images, labels)]
     k = n // micro_batch_size
@@ -190,6 +194,14 @@ def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     ``torch.compile`` wrapper too); DataParallel and a bare module have no all-reduce to skip."""
     no_sync = getattr(model, "no_sync", None)
     return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy against class indices, or against mixup/cutmix's soft targets (B, K) in the logits'
+    dtype; label smoothing then applies to the mixed targets (as timm and torchvision compose them)."""
+    if targets.dim() == 2:
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +228,9 @@ def train_one_epoch(
     """
     model, optimizer, schedule, batcher = learner.model, learner.optimizer, learner.schedule, learner.batcher
     model.train()
+    ema = learner.ema
+    if ema is not None:
+        ema.begin()
     loss_sum = torch.tensor(start.partial[0], device=ctx.device, dtype=torch.float64)
     samples = start.partial[1]
     new_samples = 0
@@ -232,9 +247,11 @@ def train_one_epoch(
             images, labels = batcher(*batch, dtype)
             loss = train_step(model, images, labels, optimizer, options)
             schedule.step_batch()
-            loss_sum += loss.detach().double() * labels.numel()
-        samples += labels.numel()
-        new_samples += labels.numel()
+            if ema is not None:  # before on_step: a checkpoint written there holds this step's average
+                ema.step()
+            loss_sum += loss.detach().double() * len(labels)
+        samples += len(labels)
+        new_samples += len(labels)
         steps += 1
         if on_step is not None:
             on_step(steps, loss.detach(), loss_sum, samples)

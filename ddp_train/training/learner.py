@@ -8,6 +8,7 @@ optimizer, the learning-rate schedule and the loss scaler.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import Config
 from ..data import Dataset
 from ..distributed.context import DistContext
+from .clipping import GradClip
+from .ema import ModelEma, Weights, evaluated_weights_of
 from .engine import Batcher, StepOptions, autocast_dtype, grad_scaler, param_dtype
 from ..models import build_model
 from .optim import Schedule, build_optimizer
+from .stopping import EarlyStopping
 from ..seeding import rank_seed, seed_all
 from ..resilience.steptime import instrument_ddp
 from ..distributed.syncbn import convert_sync_batchnorm
@@ -36,10 +40,30 @@ class Learner:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     batcher: Batcher
+    # The recipe's extras, each a checkpoint part (None: off): train.ema_decay, train.clip_grad_norm,
+    # train.early_stop_patience.
+    ema: ModelEma | None = None
+    grad_clip: GradClip | None = None
+    early_stop: EarlyStopping | None = None
 
     def step_options(self, cfg: Config) -> StepOptions:
         """How :func:`~ddp_train.training.engine.train_step` runs for this learner under ``cfg.train``."""
-        return StepOptions(self.amp_dtype, cfg.train.label_smoothing, self.scaler, cfg.train.micro_batch_size)
+        return StepOptions(self.amp_dtype, cfg.train.label_smoothing, self.scaler, cfg.train.micro_batch_size,
+                           self.grad_clip)
+
+    @property
+    def evaluates_ema(self) -> bool:
+        """Validation, "best" selection, the test and model.pth use the EMA weights (train.eval_weights: ema)."""
+        return self.ema is not None and self.ema.evaluated
+
+    def evaluated_model(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The bare model holding the evaluated weights for the duration (the trained ones put back after)."""
+        return self.ema.applied() if self.ema is not None and self.evaluates_ema else contextlib.nullcontext(
+            self.model_without_ddp)
+
+    def evaluated_weights(self) -> Weights:
+        """A private copy of the evaluated weights (the EMA copy or the trained ones), e.g. the best epoch's."""
+        return evaluated_weights_of(self.model_without_ddp, self.ema)
 
 
 def build_learner(cfg: Config, ctx: DistContext, dataset: Dataset, steps_per_epoch: int,
@@ -49,8 +73,14 @@ def build_learner(cfg: Config, ctx: DistContext, dataset: Dataset, steps_per_epo
     model, model_without_ddp = build_training_model(cfg, dataset, ctx, init_from)
     seed_all(rank_seed(cfg.train.seed, ctx.rank))  # from here on, randomness differs per rank
     optimizer = build_optimizer(model, cfg.train)
+    t = cfg.train
+    ema = (ModelEma(model_without_ddp, t.ema_decay, t.ema_every_steps, t.ema_warmup, t.eval_weights == "ema")
+           if t.ema_decay > 0 else None)
     return Learner(model, model_without_ddp, optimizer, Schedule(optimizer, cfg.train, steps_per_epoch),
-                   grad_scaler(ctx.device, amp_dtype), amp_dtype, Batcher(ctx.device, cfg.model.channels_last))
+                   grad_scaler(ctx.device, amp_dtype), amp_dtype, Batcher(ctx.device, cfg.model.channels_last),
+                   ema, GradClip(t.clip_grad_norm) if t.clip_grad_norm is not None else None,
+                   EarlyStopping(t.early_stop_patience, t.early_stop_min_delta, t.early_stop_metric)
+                   if t.early_stop_patience > 0 else None)
 
 
 def build_training_model(cfg: Config, dataset: Dataset, ctx: DistContext,
