@@ -15,7 +15,8 @@ from .batch_augment import BatchAugment
 from .datasets import DataError, Dataset, load_dataset
 from .loaders import EpochDistributedSampler, SplitDataset, eval_loader, split_indices, train_loader
 from .resident import DeviceImages, ResidentEvalLoader, ResidentTrainLoader, nbytes
-from .transforms import cutout_side, sample_transform
+from .mixing import Mixing
+from .transforms import cutout_side, erasing_of, sample_transform
 
 __all__ = ["DataBundle", "DataError", "Dataset", "build_data", "load_dataset", "load_dataset_agreed"]
 
@@ -70,7 +71,7 @@ def build_splits(dataset: Dataset, cfg: Config) -> tuple[SplitDataset, SplitData
     test): their images stay integers, normalised per batch by the loaders."""
     d = dataset
     evaluation = None
-    training = sample_transform(d.image_size, cfg.data.augment, cfg.data.crop, cfg.data.crop_padding, cfg.data.cutout)
+    training = sample_transform(d.image_size, cfg.data)
     if d.valid is not None:
         train = SplitDataset(d.train, np.arange(len(d.train)), training, cfg.train.seed)
         valid = SplitDataset(d.valid, np.arange(len(d.valid)), evaluation)
@@ -101,8 +102,10 @@ def use_device_resident(dataset: Dataset, cfg: DataConfig, device: torch.device)
             raise DataError(f"data.device_resident=true needs an in-memory dataset, and {dataset.name} reads "
                             f"image files; set data.device_resident=auto or false")
         return False, "auto: image files"
-    if setting is True:
+    if setting is True:  # config.validate refused data.auto_augment with it
         return True, "data.device_resident=true"
+    if cfg.auto_augment != "none":  # per-sample PIL-style operations: the loader workers' (docs/recipes.md)
+        return False, f"auto: data.auto_augment={cfg.auto_augment} runs in the DataLoader's workers"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if size >= free // 4:
@@ -125,9 +128,12 @@ def build_data(dataset: Dataset, cfg: Config, ctx: DistContext) -> DataBundle:
     # In-memory evaluation needs only a float conversion; worker processes would cost more than they save.
     eval_workers = workers if dataset.train.paths is not None else 0
     stats = (dataset.mean, dataset.std, ctx.device)
+    loader = train_loader(train, per_rank, ctx, cfg.train.seed, workers, pin, stats)
+    loader.sampler.mixing = Mixing.from_config(cfg.data, len(dataset.classes), cfg.train.batch_size,  # type: ignore
+                                               cfg.train.seed)
     return DataBundle(
         dataset,
-        train_loader(train, per_rank, ctx, cfg.train.seed, workers, pin, stats),
+        loader,
         eval_loader(valid, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats),
         eval_loader(test, per_rank, ctx.rank, ctx.world_size, eval_workers, pin, stats) if test is not None else None,
         input_path=why,
@@ -148,11 +154,16 @@ def _resident(dataset: Dataset, cfg: Config, ctx: DistContext,
         return stores[key]
 
     d = cfg.data
-    augment = BatchAugment(dataset.image_size, d.crop, d.crop_padding, cutout_side(dataset.image_size, d.cutout)) \
-        if d.augment else None
+    augment = None
+    if d.augment or d.random_erase:
+        augment = BatchAugment(dataset.image_size, d.crop if d.augment else "none", d.crop_padding,
+                               cutout_side(dataset.image_size, d.cutout) if d.augment else 0, flip=d.augment,
+                               erasing=erasing_of(d))
+    loader = ResidentTrainLoader(train, store(train), per_rank, ctx.rank, ctx.world_size, cfg.train.seed, augment)
+    loader.mixing = Mixing.from_config(d, len(dataset.classes), cfg.train.batch_size, cfg.train.seed)
     return DataBundle(
         dataset,
-        ResidentTrainLoader(train, store(train), per_rank, ctx.rank, ctx.world_size, cfg.train.seed, augment),
+        loader,
         ResidentEvalLoader(valid, store(valid), per_rank, ctx.rank, ctx.world_size),
         ResidentEvalLoader(test, store(test), per_rank, ctx.rank, ctx.world_size) if test is not None else None,
         device_resident=True,

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .datasets import Source
-from .transforms import Transform, collate, normalise_batch
+from .mixing import Mixing, partner_positions
+from .transforms import Image, MixPair, Transform, collate, normalise_batch
 
 if TYPE_CHECKING:
     from ..distributed.context import DistContext
@@ -58,7 +59,11 @@ class SplitDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[Image, int | torch.Tensor]:
+        if isinstance(key, tuple) and len(key) == 3:  # (epoch, position, partner's position): mixup/cutmix
+            epoch, pos, partner = key
+            (image, label), (other, other_label) = self[epoch, pos], self[epoch, partner]
+            return MixPair(image, other), torch.tensor([label, other_label])
         if isinstance(key, tuple):
             epoch, pos = key
             index = int(self.indices[pos])
@@ -93,6 +98,8 @@ class EpochDistributedSampler(DistributedSampler):
 
     skip: int = 0
     _order: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per epoch
+    # Mixup/cutmix: items then carry their partner's position too, (epoch, position, partner).
+    mixing: Mixing | None = None
 
     def epoch_order(self) -> np.ndarray:
         """Dataset positions of the current epoch, every rank's, in global order (training is drop_last)."""
@@ -109,11 +116,18 @@ class EpochDistributedSampler(DistributedSampler):
         """Dataset positions of the epoch's global batch ``step`` (0-based) of ``batch_size`` (the global batch)."""
         return self.epoch_order()[step * batch_size:(step + 1) * batch_size]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, ...]]:  # type: ignore[override]
         # This rank's share of the one global order the digest (global_batch) also reads.
-        for n, i in enumerate(self.epoch_order()[self.rank::self.num_replicas].tolist()):
-            if n >= self.skip:
-                yield (self.epoch, i)
+        order = self.epoch_order()
+        share = order[self.rank::self.num_replicas].tolist()
+        if self.mixing is None:
+            for n in range(self.skip, len(share)):
+                yield (self.epoch, share[n])
+            return
+        items = range(self.skip, len(share))
+        partners = partner_positions(self.mixing, order, self.epoch, self.rank, self.num_replicas, items).tolist()
+        for n, partner in zip(items, partners):
+            yield (self.epoch, share[n], partner)
 
     def __len__(self) -> int:
         return max(super().__len__() - self.skip, 0)
@@ -193,8 +207,19 @@ class Normalised:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = self.loader.sampler
+        mixing = sampler.mixing if isinstance(sampler, EpochDistributedSampler) else None  # set by the builder
+        if mixing is None:
+            for images, labels in self.loader:
+                yield normalise_batch(images, self.mean, self.std), labels
+            return
+        assert isinstance(sampler, EpochDistributedSampler) and self.loader.batch_size
+        epoch, step = sampler.epoch, sampler.skip // self.loader.batch_size  # resumed: skip is whole batches
         for images, labels in self.loader:
-            yield normalise_batch(images, self.mean, self.std), labels
+            x, partner = (normalise_batch(part, self.mean, self.std) for part in images)
+            labels = labels.to(self.mean.device)
+            yield mixing.mix(x, partner, labels[:, 0], labels[:, 1], epoch, step)
+            step += 1
 
 
 Stats = tuple[tuple[float, ...], tuple[float, ...], torch.device]  # mean, std and the device batches go to
@@ -203,7 +228,7 @@ Stats = tuple[tuple[float, ...], tuple[float, ...], torch.device]  # mean, std a
 def train_loader(ds: SplitDataset, per_rank_batch: int, ctx: DistContext, seed: int,
                  num_workers: int, pin_memory: bool, stats: Stats) -> Normalised:
     """Shuffled, sharded (``ctx.rank``'s shard of ``ctx.world_size``), full batches only; call
-    ``loader.sampler.set_epoch(e)`` every epoch."""
+    ``loader.sampler.set_epoch(e)`` every epoch (and set ``loader.sampler.mixing`` for mixup/cutmix)."""
     rank, world_size = ctx.rank, ctx.world_size
     sampler = EpochDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return Normalised(DataLoader(

@@ -23,6 +23,7 @@ import torch
 
 from .batch_augment import BatchAugment, Params
 from .loaders import EpochDistributedSampler, SplitDataset
+from .mixing import Mixing, partner_positions
 
 
 class DeviceImages:
@@ -51,6 +52,7 @@ class ResidentTrainLoader:
                  seed: int, augment: BatchAugment | None) -> None:
         self.dataset = split
         self.store, self.batch_size, self.seed, self.augment = store, per_rank_batch, seed, augment
+        self.mixing: Mixing | None = None  # mixup/cutmix (set by the builder)
         self.sampler = EpochDistributedSampler(range(len(split)), num_replicas=world_size, rank=rank, shuffle=True,
                                                seed=seed, drop_last=True)
         self.source_index = torch.from_numpy(np.asarray(split.indices, dtype=np.int64)).to(store.images.device)
@@ -66,22 +68,35 @@ class ResidentTrainLoader:
             self._params = (epoch, self.augment.draw(len(self.dataset), self.seed, epoch, self.store.images.device))
         return self._params[1]
 
+    def _batch(self, pos: torch.Tensor, params: Params | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented, normalised images at dataset positions ``pos``, and their labels."""
+        index = self.source_index[pos]
+        images = self.store.images[index]
+        if params is None:
+            return self.store.normalise(images), self.store.labels[index]
+        assert self.augment is not None
+        x = self.augment(images, {name: v[pos] for name, v in params.items()}, self.store.mean, self.store.std)
+        return x, self.store.labels[index]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.sampler.epoch
-        positions = torch.tensor([pos for _, pos in self.sampler], dtype=torch.int64)
-        positions = positions.to(self.store.images.device, non_blocking=True)  # one copy per epoch
+        epoch, skip, device = self.sampler.epoch, self.sampler.skip, self.store.images.device
+        positions = torch.tensor([item[1] for item in self.sampler], dtype=torch.int64)
+        positions = positions.to(device, non_blocking=True)  # one copy per epoch
+        partners = None
+        if self.mixing is not None:  # each sample's partner, augmented here as its own rank does (mixing.py)
+            items = range(skip, skip + len(positions))
+            partners = torch.from_numpy(partner_positions(self.mixing, self.sampler.epoch_order(), epoch,
+                                                          self.sampler.rank, self.sampler.num_replicas, items))
+            partners = partners.to(device, non_blocking=True)
         params = self._epoch_params(epoch)
         b = self.batch_size
         for k in range(len(self)):
-            pos = positions[k * b:(k + 1) * b]
-            index = self.source_index[pos]
-            images = self.store.images[index]
-            if params is None:
-                x = self.store.normalise(images)
-            else:
-                assert self.augment is not None
-                x = self.augment(images, {name: v[pos] for name, v in params.items()}, self.store.mean, self.store.std)
-            yield x, self.store.labels[index]
+            x, y = self._batch(positions[k * b:(k + 1) * b], params)
+            if self.mixing is None or partners is None:
+                yield x, y
+                continue
+            other, other_y = self._batch(partners[k * b:(k + 1) * b], params)
+            yield self.mixing.mix(x, other, y, other_y, epoch, skip // b + k)
 
 
 class ResidentEvalLoader:

@@ -15,10 +15,14 @@ squares, once per batch, on its device. Same random numbers, same values as the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from ..config import DataConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -107,17 +111,70 @@ class CutoutSquares:
         return Sample(img, holes)
 
 
-def sample_transform(size: int, augment: bool, crop: str = "resized", padding: int = 4,
-                     cutout: int | None = None) -> Transform | None:
-    """The per-sample part of :func:`train_transform` (None: nothing to do per sample): crop and flip on the
-    integer image, and the cutout squares drawn, for :func:`normalise_batch` to apply."""
-    if not augment:
-        return None
+@dataclass(frozen=True)
+class Erasing:
+    """Random erasing (torchvision's RandomErasing, value 0 on the normalised image): with probability ``p``,
+    a rectangle of ``min_area``-``max_area`` of the image with an aspect ratio (h/w) log-uniform in
+    [1/``max_aspect``, ``max_aspect``]; 10 tries to fit one, else none (torchvision's ``get_params``)."""
+
+    p: float
+    min_area: float
+    max_area: float
+    max_aspect: float
+
+    def box(self, h: int, w: int) -> torch.Tensor:
+        """(y0, y1, x0, x1) to zero, with torch's RNG (seeded per sample); all zeros (empty) when not erased."""
+        if torch.rand(1).item() >= self.p:
+            return torch.zeros(4, dtype=torch.int64)
+        log_ratio = (-math.log(self.max_aspect), math.log(self.max_aspect))
+        for _ in range(10):
+            area = h * w * torch.empty(1).uniform_(self.min_area, self.max_area).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if eh < h and ew < w:
+                y = int(torch.randint(0, h - eh + 1, (1,)).item())
+                x = int(torch.randint(0, w - ew + 1, (1,)).item())
+                return torch.tensor([y, y + eh, x, x + ew])
+        return torch.zeros(4, dtype=torch.int64)
+
+
+class Holes:
+    """Draws the rectangles the rank zeroes after normalising: :class:`CutoutSquares`' (its numbers, in its
+    order), then random erasing's (an empty row when not erased, so that every sample has as many rows)."""
+
+    def __init__(self, cutout: CutoutSquares | None, erasing: Erasing) -> None:
+        self.cutout, self.erasing = cutout, erasing
+
+    def __call__(self, img: torch.Tensor) -> Sample:
+        holes = self.cutout(img).holes if self.cutout else torch.zeros(0, 4, dtype=torch.int64)
+        return Sample(img, torch.cat([holes, self.erasing.box(*img.shape[-2:])[None]]))
+
+
+def erasing_of(d: DataConfig) -> Erasing | None:
+    """data.random_erase and its shape keys (None: off)."""
+    return Erasing(d.random_erase, d.erase_min_area, d.erase_max_area, d.erase_max_aspect) if d.random_erase else None
+
+
+def sample_transform(size: int, d: DataConfig) -> Transform | None:
+    """The per-sample part of :func:`train_transform` for images of ``size`` (None: nothing to do per sample):
+    with data.augment crop and flip on the integer image, then data.auto_augment (ta_wide: TrivialAugmentWide,
+    ra: RandAugment), and the cutout squares and erased rectangle drawn, for :func:`normalise_batch` to apply."""
+    erasing = erasing_of(d)
+    if not d.augment and d.auto_augment == "none" and erasing is None:
+        return None  # before importing torchvision (1.4 s)
     from torchvision.transforms import v2
 
-    side = cutout_side(size, cutout)
-    return v2.Compose([*_cropping(size, crop, padding), v2.RandomHorizontalFlip(),
-                       *([CutoutSquares(1, side)] if side else [])])
+    side = cutout_side(size, d.cutout) if d.augment else 0
+    parts: list[Transform] = [*_cropping(size, d.crop, d.crop_padding), v2.RandomHorizontalFlip()] if d.augment else []
+    if d.auto_augment == "ta_wide":
+        parts.append(v2.TrivialAugmentWide())
+    elif d.auto_augment == "ra":
+        parts.append(v2.RandAugment(num_ops=d.ra_num_ops, magnitude=d.ra_magnitude))
+    if erasing is not None:
+        parts.append(Holes(CutoutSquares(1, side) if side else None, erasing))
+    elif side:
+        parts.append(CutoutSquares(1, side))
+    return v2.Compose(parts) if parts else None
 
 
 def _cropping(size: int, crop: str, padding: int) -> list[Transform]:
@@ -137,13 +194,35 @@ def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).mul_(1.0 / torch.iinfo(pixels.dtype).max)
 
 
-def collate(batch: list[tuple[torch.Tensor | Sample, int]]) -> list:
+class MixPair(NamedTuple):
+    """A training sample and its mixup/cutmix partner (:mod:`.mixing`), each a tensor or :class:`Sample`;
+    the labels come as a pair too."""
+
+    first: torch.Tensor | Sample
+    second: torch.Tensor | Sample
+
+
+Image = torch.Tensor | Sample | MixPair
+
+
+def _pixels(img: Image) -> list[torch.Tensor]:
+    if isinstance(img, MixPair):
+        return _pixels(img.first) + _pixels(img.second)
+    return [img.pixels if isinstance(img, Sample) else img]
+
+
+def _unit_float(img: Image) -> Image:
+    if isinstance(img, MixPair):
+        return MixPair(_unit_float(img.first), _unit_float(img.second))
+    return Sample(to_unit_float(img.pixels), img.holes) if isinstance(img, Sample) else to_unit_float(img)
+
+
+def collate(batch: list[tuple[Image, int | torch.Tensor]]) -> list:
     """The DataLoader's default collation, after giving every image of the batch one dtype: a folder may mix
     8-bit files (uint8) with deeper ones (float32 in 0..1); the uint8 ones are then scaled as the rank would."""
-    dtypes = {(b[0].pixels if isinstance(b[0], Sample) else b[0]).dtype for b in batch}
+    dtypes = {pixels.dtype for img, _ in batch for pixels in _pixels(img)}
     if len(dtypes) > 1:
-        batch = [(Sample(to_unit_float(img.pixels), img.holes) if isinstance(img, Sample) else to_unit_float(img), y)
-                 for img, y in batch]
+        batch = [(_unit_float(img), y) for img, y in batch]
     return torch.utils.data.default_collate(batch)
 
 
