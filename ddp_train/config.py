@@ -81,6 +81,32 @@ class DataConfig:
     cutout: int | None = _f(
         None, "augment's cutout: side of the zeroed square; null is half the image side (the seed recipe's), 0 none"
     )
+    auto_augment: Literal["none", "ta_wide", "ra"] = _f(
+        "none",
+        "per-sample automatic augmentation on the uint8 image after the crop and flip (torchvision's "
+        "--auto-augment): ta_wide (TrivialAugmentWide), ra (RandAugment, data.ra_num_ops and data.ra_magnitude) or "
+        "none; DataLoader path only (see docs/recipes.md: \"TrivialAugment and RandAugment\")",
+    )
+    ra_num_ops: int = _f(2, "auto_augment=ra: operations per image")
+    ra_magnitude: int = _f(9, "auto_augment=ra: magnitude of each operation, 0 to 30 (torchvision's bins)")
+    random_erase: float = _f(
+        0.0,
+        "probability of random erasing (torchvision's RandomErasing, value 0 on the normalised image) per "
+        "training image; 0: off; both input paths (see docs/recipes.md: \"Random erasing\")",
+    )
+    erase_min_area: float = _f(0.02, "random erasing: smallest erased fraction of the image area")
+    erase_max_area: float = _f(0.33, "random erasing: largest erased fraction of the image area")
+    erase_max_aspect: float = _f(3.3, "random erasing: aspect ratios (h/w) are drawn log-uniformly in [1/this, this]")
+    mixup_alpha: float = _f(
+        0.0,
+        "mixup: Beta(alpha, alpha) mixing of pairs of training images and their (label-smoothed) targets; "
+        "0: off (see docs/recipes.md: \"Mixup and CutMix\")",
+    )
+    cutmix_alpha: float = _f(0.0, "cutmix: Beta(alpha, alpha) area of the pasted box; 0: off")
+    mix_prob: float = _f(1.0, "mixup/cutmix: probability that a step's global batch is mixed at all")
+    mix_switch_prob: float = _f(
+        0.5, "mixup and cutmix both on: probability that a mixed step uses cutmix rather than mixup"
+    )
     device_resident: Literal["auto"] | bool = _f(
         "auto",
         "keep the uint8 images on the training device and batch, augment and normalise them there "
@@ -189,6 +215,36 @@ class TrainConfig:
         "weights the test split is evaluated with: best (lowest valid loss, those the seed recipe saves) or final",
     )
     log_every_steps: int = _f(10, "log the global training loss to TensorBoard every N steps")
+    ema_decay: float = _f(
+        0.0,
+        "EMA of the weights (torchvision's --model-ema, timm's ModelEmaV3): after every train.ema_every_steps "
+        "optimizer steps, ema = decay * ema + (1 - decay) * weights, BN running statistics averaged too; saved in "
+        "every checkpoint (see docs/recipes.md: \"EMA of the weights\"); 0: off, else in (0, 1), e.g. 0.999",
+    )
+    ema_every_steps: int = _f(1, "EMA: average the weights in every N optimizer steps (the decay applies per update)")
+    ema_warmup: bool = _f(
+        False, "EMA warm-up (timm's): update t uses min(train.ema_decay, 1 - (1 + t)^(-2/3)), so the first copies"
+    )
+    eval_weights: Literal["trained", "ema"] = _f(
+        "trained",
+        "weights that validation, best selection, the test and the exported model.pth use: trained or ema "
+        "(needs train.ema_decay > 0)",
+    )
+    clip_grad_norm: float | None = _f(
+        None,
+        "clip the gradient to this global L2 norm, once per optimizer step (after the micro-batches and the DDP "
+        "all-reduce, after unscaling under fp16); the norm before clipping is logged (train/grad_norm, the epoch "
+        "record's grad_norm); null: off",
+    )
+    early_stop_patience: int = _f(
+        0,
+        "early stopping: end training after this many epochs in a row without an improvement of "
+        "train.early_stop_metric by more than train.early_stop_min_delta, then test; 0: off",
+    )
+    early_stop_min_delta: float = _f(0.0, "early stopping: the smallest change that counts as an improvement")
+    early_stop_metric: Literal["valid_loss", "valid_acc"] = _f(
+        "valid_loss", "early stopping's metric: valid_loss (lower is better) or valid_acc (higher is better)"
+    )
 
 
 @dataclass
@@ -229,6 +285,89 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Where rank 0 reports the run besides the console and metrics.json (docs/tracking.md), and what is measured."""
+
+    trackers: str = _f(
+        "tensorboard",
+        "comma-separated, any of tensorboard, wandb, mlflow (e.g. tensorboard,wandb), or none; wandb and mlflow "
+        "are the extras ddp_train[wandb] and ddp_train[mlflow]; a resumed run continues the same tracker run",
+    )
+    wandb_project: str = _f("ddp_train", "wandb: the W&B project")
+    wandb_mode: Literal["offline", "online"] = _f(
+        "offline", "wandb: offline (files under <run>/wandb, no network; `wandb sync` uploads them later) or online"
+    )
+    mlflow_uri: str | None = _f(
+        None, "mlflow: the tracking URI (http://host:port, sqlite:///path.db, ...); null: sqlite:///<run>/mlflow.db"
+    )
+    mlflow_experiment: str = _f("ddp_train", "mlflow: the experiment's name")
+    profile_steps: str | None = _f(
+        None,
+        "torch.profiler window: global steps A-B (e.g. 10-15), traced on track.profile_ranks into "
+        "<run>/profile/ as Chrome-trace JSON (Perfetto, TensorBoard's profile plugin); null: off, no cost",
+    )
+    profile_ranks: str = _f("0", "ranks the profiler window traces: comma-separated (e.g. 0,1) or all")
+    peak_tflops: float | None = _f(
+        None,
+        "peak TFLOP/s of one rank's device for the MFU figure; null: a known GPU's bf16/fp16 dense peak, and on "
+        "CPU (or an unknown GPU) no MFU, only the achieved GFLOP/s",
+    )
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+MLFLOW_SCHEMES = ("", "http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def tracker_names(track: TrackConfig) -> list[str]:
+    """The trackers ``track.trackers`` names, in order (``none``: the empty list)."""
+    names = [n.strip() for n in track.trackers.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def profile_window(track: TrackConfig) -> tuple[int, int] | None:
+    """``track.profile_steps`` as (first, last) global steps; None when off."""
+    if track.profile_steps is None:
+        return None
+    first, _, last = track.profile_steps.partition("-")
+    return int(first), int(last or first)
+
+
+def _validate_track(track: TrackConfig) -> None:
+    """The track section's values (range checks, one line each)."""
+    names = tracker_names(track)
+    _check(bool(names or track.trackers.strip() == "none") and all(n in TRACKERS for n in names)
+           and len(set(names)) == len(names), "track.trackers",
+           "comma-separated names from tensorboard, wandb, mlflow, each once (or none)", track.trackers)
+    _check(bool(track.wandb_project.strip()) and "/" not in track.wandb_project, "track.wandb_project",
+           "a non-empty project name without '/'", track.wandb_project)
+    scheme = (track.mlflow_uri or "").partition("://")[0] if "://" in (track.mlflow_uri or "") else ""
+    _check(track.mlflow_uri is None or (bool(track.mlflow_uri.strip()) and scheme in MLFLOW_SCHEMES),
+           "track.mlflow_uri", "null or a tracking URI (http(s)://host:port, sqlite:///path.db, postgresql://..., "
+           "databricks, or a folder)", track.mlflow_uri)
+    _check(bool(track.mlflow_experiment.strip()), "track.mlflow_experiment", "a non-empty name", track.mlflow_experiment)
+    steps = track.profile_steps
+    _check(steps is None or (re.fullmatch(r"[1-9][0-9]{0,8}(-[1-9][0-9]{0,8})?", steps) is not None
+                             and profile_window(track)[0] <= profile_window(track)[1]),  # type: ignore[index]
+           "track.profile_steps", "null or global steps A-B with 1 <= A <= B (e.g. 10-15)", steps)
+    _check(track.profile_ranks == "all" or re.fullmatch(r"[0-9]+(,[0-9]+)*", track.profile_ranks) is not None,
+           "track.profile_ranks", "all or comma-separated rank numbers (e.g. 0,1)", track.profile_ranks)
+    _check(track.peak_tflops is None or track.peak_tflops > 0, "track.peak_tflops", "null or a number > 0",
+           track.peak_tflops)
+
+
+def check_trackers_installed(track: TrackConfig) -> None:
+    """ConfigError when a chosen tracker's package is not installed here (before anything is written)."""
+    import importlib.util
+
+    for name in tracker_names(track):
+        spec = None if name == "tensorboard" else importlib.util.find_spec(name)
+        # A folder named wandb/ or mlruns/ in the working directory is a namespace package (origin None), not it.
+        if name != "tensorboard" and (spec is None or spec.origin is None):
+            raise ConfigError(f"track.trackers: {name} is chosen but the {name} package is not installed; "
+                              f"pip install 'ddp_train[{name}]', or remove {name} from track.trackers")
+
+
+@dataclass
 class Config:
     """Everything a run needs. The defaults are the fast offline first run (configs/default.yaml): a
     narrow ResNet-10 (width 16) with SyncBN on the synthetic dataset, 3 epochs (its time and accuracy:
@@ -239,6 +378,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     out_dir: str = _f("runs", "parent folder of run folders")
     run_name: str | None = _f(
         None,
@@ -262,7 +402,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "dist": DistConfig,
-                             "checkpoint": CheckpointConfig}
+                             "checkpoint": CheckpointConfig, "track": TrackConfig}
 
 
 # --------------------------------------------------------------------------- types
@@ -607,6 +747,7 @@ def validate(cfg: Config) -> None:
     _check(d.cutout is None or d.cutout >= 0, "data.cutout", "null or an integer >= 0", d.cutout)
     _check(d.device_resident is not True or d.name != "image_folder", "data.device_resident",
            "auto or false for image_folder (its images are files, read by the DataLoader)", d.device_resident)
+    _validate_augmentation(d)
     _check(d.image_size >= 8, "data.image_size", "an integer >= 8", d.image_size)
     _check(d.synthetic_size >= 10, "data.synthetic_size", "an integer >= 10", d.synthetic_size)
     _check(d.name != "image_folder" or d.root is not None, "data.root",
@@ -629,6 +770,8 @@ def validate(cfg: Config) -> None:
     _check(t.plateau_patience >= 0, "train.plateau_patience", "an integer >= 0", t.plateau_patience)
     _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "a number in [0, train.epochs)", t.warmup_epochs)
     _check(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1", t.log_every_steps)
+    _validate_recipe(t)
+    _validate_track(cfg.track)
     _check(0 <= t.seed <= MAX_SEED, "train.seed", f"an integer from 0 to 2**63-1 ({MAX_SEED})", t.seed)
     _check(1 <= dist.timeout_s <= MAX_TIMEOUT_S, "dist.timeout_s", f"an integer from 1 to {MAX_TIMEOUT_S} (7 days)",
            dist.timeout_s)
@@ -649,6 +792,35 @@ def validate(cfg: Config) -> None:
         _check(name in known, "resume_allow", "all, or config keys separated by commas (e.g. train.lr,train.epochs)",
                cfg.resume_allow)
     _validate_folders(cfg)
+
+
+def _validate_augmentation(d: DataConfig) -> None:
+    """The recipe's augmentation keys (docs/recipes.md)."""
+    _check(d.ra_num_ops >= 1, "data.ra_num_ops", "an integer >= 1", d.ra_num_ops)
+    _check(0 <= d.ra_magnitude <= 30, "data.ra_magnitude", "an integer from 0 to 30", d.ra_magnitude)
+    _check(d.device_resident is not True or d.auto_augment == "none", "data.auto_augment",
+           "none with data.device_resident=true (it runs per sample in the DataLoader's workers); "
+           "set data.device_resident=false (or auto)", d.auto_augment)
+    _check(0 <= d.random_erase <= 1, "data.random_erase", "a probability in [0, 1]", d.random_erase)
+    _check(0 < d.erase_min_area <= d.erase_max_area < 1, "data.erase_min_area",
+           "0 < data.erase_min_area <= data.erase_max_area < 1", (d.erase_min_area, d.erase_max_area))
+    _check(d.erase_max_aspect >= 1, "data.erase_max_aspect", "a number >= 1", d.erase_max_aspect)
+    _check(d.mixup_alpha >= 0, "data.mixup_alpha", "0 (off) or a number > 0", d.mixup_alpha)
+    _check(d.cutmix_alpha >= 0, "data.cutmix_alpha", "0 (off) or a number > 0", d.cutmix_alpha)
+    _check(0 <= d.mix_prob <= 1, "data.mix_prob", "a probability in [0, 1]", d.mix_prob)
+    _check(0 <= d.mix_switch_prob <= 1, "data.mix_switch_prob", "a probability in [0, 1]", d.mix_switch_prob)
+
+
+def _validate_recipe(t: TrainConfig) -> None:
+    """The EMA, gradient clipping and early stopping keys (docs/recipes.md)."""
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", "0 (off) or a number in (0, 1), e.g. 0.999", t.ema_decay)
+    _check(t.ema_every_steps >= 1, "train.ema_every_steps", "an integer >= 1", t.ema_every_steps)
+    _check(t.eval_weights != "ema" or t.ema_decay > 0, "train.eval_weights",
+           "trained unless train.ema_decay > 0 (ema needs the EMA on)", t.eval_weights)
+    _check(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm", "null (off) or a number > 0",
+           t.clip_grad_norm)
+    _check(t.early_stop_patience >= 0, "train.early_stop_patience", "an integer >= 0 (0: off)", t.early_stop_patience)
+    _check(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
 
 
 NAME_MAX = 255  # bytes in one folder name on Linux filesystems (ext4, xfs, btrfs, tmpfs, NFS)
@@ -695,7 +867,7 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
 # info line; a change to any other key must be accepted with resume_allow.
 RESULT_NEUTRAL = ("data.root", "data.download", "data.num_workers", "model.init_from", "model.channels_last",
                   "train.compile", "train.deterministic", "train.log_every_steps", "train.test_weights",
-                  "dist.", "checkpoint.", "out_dir", "run_name", "resume", "resume_allow")
+                  "dist.", "checkpoint.", "track.", "out_dir", "run_name", "resume", "resume_allow")
 
 
 def flat_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -740,6 +912,7 @@ def allowed_changes(cfg: Config) -> set[str] | None:
 def validate_for_device(cfg: Config, device_type: str) -> None:
     """Checks that depend on the device kind the run will get (cuda, mps or cpu), made before anything is written."""
     check_precision(cfg.train.precision, device_type)
+    check_trackers_installed(cfg.track)  # a machine without the package: refused before the run folder
 
 
 def check_precision(precision: str, device_type: str) -> None:

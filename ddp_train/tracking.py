@@ -1,9 +1,10 @@
-"""What a run reports: console lines, metrics.json and TensorBoard, from rank 0 only.
+"""What a run reports: console lines, metrics.json, TensorBoard and the W&B/MLflow sinks, from rank 0 only.
 
 Other ranks get a :class:`NullTracker` whose methods do nothing, so the training loop has no
 ``if rank == 0`` in it.
 
-A write that fails (full disk, permissions, the run folder removed) does not stop the tracker's
+The W&B and MLflow sinks (:mod:`ddp_train.trackers`) get the same scalars, batched per step; one
+that fails is dropped with a warning line and never stops the run. A write that fails (full disk, permissions, the run folder removed) does not stop the tracker's
 caller: the first failure is kept as one line (:class:`TrackerWriteError`), later writes are
 skipped, and the trainer ends every rank with it at the next step's agreement (:attr:`failed`,
 :meth:`check`) or at :meth:`close`.
@@ -21,6 +22,7 @@ from typing import Any
 from .files import atomic_write_text, clean_json, write_error_advice, write_error_reason
 from .errors import UserError
 from .persistence.runrecord import read_record
+from .trackers import Sinks
 
 
 class TrackerWriteError(UserError):
@@ -47,6 +49,19 @@ def _quiet_tensorboard_thread() -> None:
     threading.excepthook = hook
 
 
+def _figures_text(figures: dict[str, Any] | None) -> str:
+    """The epoch line's end: the largest peak memory of the ranks, the achieved GFLOP/s and the MFU."""
+    if not figures:
+        return ""
+    memory = figures.get("peak_mem_mb") or [0.0]
+    text = f" | peak mem {max(memory):.0f} MB" + (f" (max of {len(memory)} ranks)" if len(memory) > 1 else "")
+    if "gflop_per_s" in figures:
+        text += f" | {figures['gflop_per_s']:.1f} GFLOP/s"
+    if "mfu" in figures:
+        text += f" | MFU {100 * figures['mfu']:.1f}%"
+    return text
+
+
 class NullTracker:
     """The tracker of ranks other than 0: every method is a no-op."""
 
@@ -57,7 +72,7 @@ class NullTracker:
 
     def info(self, message: str) -> None: ...
     def scalar(self, tag: str, value: float, step: int) -> None: ...
-    def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
+    def log_epoch(self, record: dict[str, Any], step: int, figures: dict[str, Any] | None = None) -> None: ...
     def log_test(self, result: dict[str, Any]) -> None: ...
     def log_config(self, config_yaml: str) -> None: ...
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
@@ -78,8 +93,13 @@ class Tracker(NullTracker):
     """Rank 0's tracker: prints, keeps ``metrics.json`` and a TensorBoard event stream in ``tb/`` (one event
     file per start of the run: a resumed run adds one, and TensorBoard reads the folder's files as one run)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None,
+                 sinks: Sinks | None = None) -> None:
         super().__init__()
+        self.sinks = sinks if sinks is not None else Sinks([])
+        self._pending: dict[str, float] = {}  # the sinks' scalars of step _pending_step, sent when the step changes
+        self._pending_step = 0
+        self._finished = False
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.json"
         self.test: dict[str, Any] | None = None
@@ -126,13 +146,32 @@ class Tracker(NullTracker):
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
             self._board(lambda: self.writer.add_scalar(tag, value, step))
+        if self.sinks.sinks:
+            if step != self._pending_step:
+                self._flush_sinks()
+            self._pending_step = step
+            self._pending[tag] = float(value)
 
-    def log_epoch(self, record: dict[str, Any], step: int) -> None:
-        """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard at ``step``."""
+    def _flush_sinks(self) -> None:
+        """Send the pending step's scalars to the sinks (one call each)."""
+        pending, self._pending = self._pending, {}
+        self.sinks.scalars(pending, self._pending_step)
+
+    def log_epoch(self, record: dict[str, Any], step: int, figures: dict[str, Any] | None = None) -> None:
+        """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard and the
+        sinks at ``step``; ``figures`` (peak memory per rank, GFLOP/s, MFU: ddp_train/profiling.py) go to the
+        line and the trackers, not to metrics.json (they differ between equal runs)."""
         self._write_metrics()
         for tag, key in (("train/loss_epoch", "train_loss"), ("valid/loss", "valid_loss"),
                          ("valid/acc", "valid_acc"), ("lr", "lr"), ("throughput/img_per_s", "img_per_s")):
             self.scalar(tag, record[key], step)
+        figures = figures or {}
+        for rank, mb in enumerate(figures.get("peak_mem_mb", [])):
+            self.scalar(f"memory/peak_mb/rank{rank}", mb, step)
+        for tag, key in (("throughput/gflop_per_s", "gflop_per_s"), ("throughput/mfu", "mfu")):
+            if key in figures:
+                self.scalar(tag, figures[key], step)
+        self._flush_sinks()
         if self.writer is not None:
             self._board(self.writer.flush)
         self.info(
@@ -140,11 +179,14 @@ class Tracker(NullTracker):
             f"{record['valid_loss']:.4f} | valid_acc {record['valid_acc']:.4f} | lr {record['lr']:.3g} | "
             f"{record['img_per_s']:.0f} img/s | {record['epoch_s']:.1f} s"
             + (f" | samples {record['sample_digest']}" if record.get("sample_digest") else "")
+            + _figures_text(figures)
         )
 
     def log_test(self, result: dict[str, Any]) -> None:
         self.test = result
         self._write_metrics()
+        if self.sinks.sinks:  # at the last step (TensorBoard has them in the hparams)
+            self._pending.update({"test/loss": float(result["loss"]), "test/acc": float(result["acc"])})
         self.info(f"test | loss {result['loss']:.4f} | acc {result['acc']:.4f} | count {result['count']} "
                   f"| {result.get('weights', 'best')} weights")
         worst = sorted(result["per_class_acc"].items(), key=lambda kv: kv[1])
@@ -160,8 +202,11 @@ class Tracker(NullTracker):
         """Hyperparameters and final metrics into the run's one event file.
 
         ``SummaryWriter.add_hparams`` would open a second event file in a sub-folder; writing the
-        three hparams summaries to the run's own writer keeps one stream per run.
+        three hparams summaries to the run's own writer keeps one stream per run. The sinks got the
+        hyperparameters when they opened, and get the final metrics at the last step.
         """
+        if self.sinks.sinks:
+            self._pending.update({k: float(v) for k, v in metrics.items()})
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -187,13 +232,18 @@ class Tracker(NullTracker):
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def close(self) -> None:
-        """Flush and close the event file; then raise the first failed write, if any (:meth:`check`)."""
+        """Flush and close the event file and the sinks (their runs marked finished); then raise the first failed
+        write, if any (:meth:`check`)."""
+        self._finished = True
         self.end()
         self.check()
 
     def end(self) -> None:
         """Flush and close the event file if still open (on every way out of a run); never raises, a failure
-        is kept for :meth:`check`."""
+        is kept for :meth:`check`. The sinks' runs are marked finished after :meth:`close`, stopped otherwise."""
+        if self.sinks.sinks:
+            self._flush_sinks()
+            self.sinks.close(self._finished)
         writer, self.writer = self.writer, None
         if writer is None:
             return

@@ -34,6 +34,9 @@ from ..persistence.state import RunCheckpoints, TrainState
 from ..resilience.steptime import CLOCK
 from ..resilience.stragglers import StragglerReport
 from ..tracking import NullTracker, Tracker
+from ..trackers import open_sinks
+from ..config import tracker_names
+from ..profiling import Measures
 from ..resilience.watchdog import Watchdog
 
 Weights = dict[str, torch.Tensor]
@@ -52,6 +55,7 @@ class Run:
     tracker: NullTracker  # rank 0's Tracker; a no-op elsewhere
     partial: tuple[float, int]  # this rank's running sums of an interrupted epoch; (0.0, 0) otherwise
     resumed_from: Path | None
+    measures: Measures  # the profiler window, FLOPs per image, the peak for MFU (ddp_train/profiling.py)
 
 
 def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> dict[str, Any]:
@@ -76,6 +80,7 @@ def train(cfg: Config, ctx: DistContext, stop_flag: StopFlag | None = None) -> d
             return finish(cfg, ctx, run, best_weights, stop_flag)
     finally:
         if run is not None:
+            run.measures.close()  # a profiler window left open by a stop or an error
             run.tracker.end()  # a stop or an error: the points logged so far reach the event file
         release_run_dir(lock, run_dir)
 
@@ -116,8 +121,11 @@ def set_up(cfg: Config, ctx: DistContext, run_dir: Path, resume: str | None) -> 
     for line in lines:
         tracker.info(line)
     checkpointer = Checkpointer(run_dir / "checkpoints", ctx.is_main, cfg.checkpoint.keep, state.branch)
+    measures = Measures(cfg.track, ctx, run_dir, learner.model_without_ddp,
+                        (dataset.channels, dataset.image_size, dataset.image_size),
+                        learner.amp_dtype in (torch.bfloat16, torch.float16))
     return Run(run_dir, dataset, data, learner, state, RunCheckpoints(ctx, checkpointer, cfg, DatasetMeta.of(dataset), learner),
-               tracker, partial, resumed_from)
+               tracker, partial, resumed_from, measures)
 
 
 def continue_from(ckpt: dict[str, Any], path: Path, cfg: Config, ctx: DistContext, learner: Learner, data: DataBundle,
@@ -143,7 +151,8 @@ def open_tracker(cfg: Config, ctx: DistContext, run_dir: Path, data: DataBundle,
     # Purged from step resumed_step + 1: the points of the checkpoint's own step were logged before it was
     # written, and the resumed run does not log them again.
     purge = None if resumed_step is None else resumed_step + 1
-    tracker = Tracker(run_dir, purge_step=purge) if ctx.is_main else NullTracker()
+    tracker = (Tracker(run_dir, "tensorboard" in tracker_names(cfg.track), purge,
+                       open_sinks(cfg.track, run_dir, _hparams(cfg))) if ctx.is_main else NullTracker())
     tracker.history = state.history  # the same list: epochs appended by the loop are logged and checkpointed
     if ctx.data_parallel:
         tracker.info(f"{torch.cuda.device_count()} GPUs visible without torchrun: using nn.DataParallel. "
@@ -187,12 +196,15 @@ class StepHook:
     stop_flag: StopFlag
     stragglers: StragglerReport
     batch_ids: Callable[[int], np.ndarray]  # the sample ids of the epoch's global step k (DataBundle.global_batch_ids)
+    measures: Measures | None = None  # its profiler window is told of every step
 
     def __call__(self, done: int, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
         """``done`` steps of the epoch so far; ``loss_sum``/``samples``: this rank's running sums."""
         self.state.step_in_epoch = done
         self.state.fold_samples(self.batch_ids(done - 1))
         CLOCK.step_done(self.state.global_step)
+        if self.measures is not None and self.measures.window is not None:
+            self.measures.window.at(self.state.global_step)
         with CLOCK.phase_of("sync"):
             self._after_step(loss, loss_sum, samples)
 
@@ -203,6 +215,9 @@ class StepHook:
         if global_step % self.cfg.train.log_every_steps == 0:
             mean = ctx.all_reduce_sum(loss.clone()) / ctx.world_size
             self.tracker.scalar("train/loss", float(mean.item()), global_step)
+            clip = self.checkpoints.learner.grad_clip  # the learner the checkpoints hold is the one training
+            if clip is not None and clip.last is not None:  # the same on every rank: no all-reduce
+                self.tracker.scalar("train/grad_norm", float(clip.last.item()), global_step)
         # One small all-reduce: a stop signal on any rank, or a failed write (background checkpoint, metrics.json,
         # TensorBoard) on rank 0.
         stop, write_failed = ctx.any_each([self.stop_flag.signum is not None,
@@ -226,19 +241,23 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
     """
     state, learner, tracker = run.state, run.learner, run.tracker
     partial, best_weights = run.partial, None
-    while state.epoch < cfg.train.epochs:
+    early = learner.early_stop
+    if run.measures.window is not None:  # a window from the first step starts now
+        run.measures.window.at(state.global_step)
+    while state.epoch < cfg.train.epochs and not (early is not None and early.stop):  # a resumed early stop stays
         epoch_start = time.perf_counter()
         if state.step_in_epoch == 0:  # an interrupted epoch keeps the lr it started with
             state.epoch_lr = learner.schedule.lr
         batch_ids = functools.partial(run.data.global_batch_ids, batch_size=cfg.train.batch_size)
         result = train_epoch(cfg, ctx, run, StepHook(cfg, ctx, state, run.checkpoints, tracker, stop_flag, stragglers,
-                                                     batch_ids), partial)
+                                                     batch_ids, run.measures), partial)
         # The previous checkpoint has had a whole epoch to reach the disk. Waiting here also keeps
         # the writer thread from running while evaluation loaders fork worker processes.
         run.checkpoints.wait()
         eval_start = time.perf_counter()
-        valid = evaluate(learner.model_without_ddp, run.data.valid, ctx, learner.batcher, learner.amp_dtype,
-                         len(run.dataset.classes))
+        with learner.evaluated_model() as evaluated:  # the EMA weights with train.eval_weights: ema
+            valid = evaluate(evaluated, run.data.valid, ctx, learner.batcher, learner.amp_dtype,
+                             len(run.dataset.classes))
         eval_s = time.perf_counter() - eval_start
         learner.schedule.step_epoch(valid.loss)
         improved = valid.loss <= state.best_valid_loss  # the seed recipe saves on "<=", not "<"
@@ -247,26 +266,45 @@ def train_epochs(cfg: Config, ctx: DistContext, run: Run, stop_flag: StopFlag,
                          f"Saving model ...")
             state.best_valid_loss, state.best_step = valid.loss, (state.epoch + 1) * state.steps_per_epoch
             if cfg.train.test_weights == "best":
-                best_weights = {k: v.detach().clone() for k, v in learner.model_without_ddp.state_dict().items()}
+                best_weights = learner.evaluated_weights()
         record = {
             "epoch": state.epoch + 1, "train_loss": result.loss, "valid_loss": valid.loss, "valid_acc": valid.acc,
             "lr": state.epoch_lr, "img_per_s": result.img_per_s, "epoch_s": time.perf_counter() - epoch_start,
             "sample_digest": state.sample_digest,
         }
+        record.update(recipe_record(learner, valid.loss, valid.acc, state.epoch + 1))
         state.history.append(record)
         state.epoch, state.step_in_epoch, state.epoch_lr, partial = state.epoch + 1, 0, learner.schedule.lr, (0.0, 0)
         saved = run.checkpoints.save(state, partial, improved, background=True)  # written while the next epoch trains
-        tracker.log_epoch(record, state.global_step)
+        tracker.log_epoch(record, state.global_step, run.measures.figures(ctx, result.img_per_s))
         # What an epoch costs besides its training steps and validation forward passes (set-up,
         # checkpoint, logging); validation itself is logged next to it.
         tracker.scalar("time/epoch_overhead_s", time.perf_counter() - epoch_start - result.seconds - eval_s,
                        state.global_step)
         tracker.scalar("time/valid_s", eval_s, state.global_step)
-        if ctx.any(stop_flag.signum is not None):  # a signal during validation: stop after it, at the epoch's end
+        # One all-reduce for both: a signal during validation, and the early stop (the same metric on every
+        # rank; agreed all the same, so no rank can leave the others waiting).
+        signalled, stop_early = ctx.any_each([stop_flag.signum is not None, early is not None and early.stop])
+        if signalled:  # stop after validation, at the epoch's end
             run.checkpoints.wait()
             raise Preempted(stop_flag.name or "a signal to another rank", str(saved or run.checkpoints.checkpointer.last))
+        if stop_early:
+            tracker.info(f"{record.get('stopped') or 'early stop: another rank stopped'}; testing")
+            break
     run.checkpoints.wait()  # the last epoch's checkpoint is on disk before testing and returning
     return best_weights
+
+
+def recipe_record(learner: Learner, valid_loss: float, valid_acc: float, epoch: int) -> dict[str, Any]:
+    """The epoch record's entries of the recipe's extras: ``grad_norm`` (the epoch's mean norm before clipping)
+    and ``stopped`` (why the run stops after this epoch); counts the epoch for early stopping."""
+    entries: dict[str, Any] = {}
+    if learner.grad_clip is not None:
+        entries["grad_norm"] = learner.grad_clip.take_epoch()
+    early = learner.early_stop
+    if early is not None and early.update(valid_loss if early.metric == "valid_loss" else valid_acc, epoch):
+        entries["stopped"] = early.reason
+    return entries
 
 
 def train_epoch(cfg: Config, ctx: DistContext, run: Run, on_step: StepHook, partial: tuple[float, int]) -> TrainResult:
@@ -319,6 +357,8 @@ def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | No
             run.tracker.info(f"best weights (global step {state.best_step}) not found; testing the final weights")
     if best_weights is not None:
         learner.model_without_ddp.load_state_dict(best_weights)
+    elif learner.ema is not None and learner.evaluates_ema:  # the final EMA weights (the training is over)
+        learner.model_without_ddp.load_state_dict(learner.ema.weights)
     assert run.data.test is not None
     result = evaluate(learner.model_without_ddp, until_stopped(run.data.test, stop_flag), ctx, learner.batcher,
                       learner.amp_dtype, len(run.dataset.classes))
@@ -328,7 +368,8 @@ def run_test(cfg: Config, ctx: DistContext, run: Run, best_weights: Weights | No
         raise Preempted(stop_flag.name or "a signal to another rank",
                         str(last if last.exists() else run.checkpoints.checkpointer.last),
                         "the training is complete; the test runs again")
-    metrics = {**result.to_dict(run.dataset.classes), "weights": "final" if best_weights is None else "best"}
+    which = ("final" if best_weights is None else "best") + (" EMA" if learner.evaluates_ema else "")
+    metrics = {**result.to_dict(run.dataset.classes), "weights": which}
     run.tracker.log_test(metrics)
     return metrics
 

@@ -1,0 +1,51 @@
+"""The Weights & Biases sink: one W&B run per run folder, its id kept in trackers.json.
+
+Offline by default (``track.wandb_mode``): the run's files go to ``<run>/wandb/`` and
+``wandb sync <run>/wandb/offline-run-*`` uploads them later (docs/tracking.md: "Weights & Biases").
+Every start of the run folder opens the same run id with ``resume="allow"``; the steps are the
+run's global optimizer steps, so a resumed run continues the same axis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..config import TrackConfig
+from .runids import read_ids, record_id
+
+
+class WandbSink:
+    """Logs scalars to one W&B run (``run.log(values, step=...)``)."""
+
+    name = "wandb"
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self, finished: bool) -> None:
+        # 75: stopped with a checkpoint (ddp_train/errors.py); W&B shows it as not finished, and a resume reopens it.
+        self.run.finish(exit_code=0 if finished else 75)
+
+
+def open_sink(track: TrackConfig, run_dir: Path, hparams: dict[str, Any]) -> WandbSink:
+    """Open (or reopen) the run folder's W&B run; the id is recorded before the run starts, so a crash in
+    between still continues the same run next time."""
+    import wandb
+
+    known = read_ids(run_dir).get("wandb", {})
+    run_id = known.get("id") if known.get("project") == track.wandb_project else None
+    if run_id is None:
+        run_id = uuid.uuid4().hex[:8]  # W&B's own form: 8 lowercase letters and digits
+        record_id(run_dir, "wandb", {"id": run_id, "project": track.wandb_project})
+    run = wandb.init(
+        project=track.wandb_project, mode=track.wandb_mode, dir=str(run_dir), id=run_id, resume="allow",
+        name=run_dir.name, config=hparams,
+        # console off: W&B would otherwise wrap stdout and stderr, where ddp_train's one-line messages go.
+        settings=wandb.Settings(console="off", silent=True, disable_git=True),
+    )
+    return WandbSink(run)
