@@ -301,12 +301,13 @@ class TrackConfig:
         None, "mlflow: the tracking URI (http://host:port, sqlite:///path.db, ...); null: sqlite:///<run>/mlflow.db"
     )
     mlflow_experiment: str = _f("ddp_train", "mlflow: the experiment's name")
-    profile_steps: str | None = _f(
+    # str | int: YAML reads profile_steps=12 and profile_ranks=1 as numbers.
+    profile_steps: str | int | None = _f(
         None,
-        "torch.profiler window: global steps A-B (e.g. 10-15), traced on track.profile_ranks into "
-        "<run>/profile/ as Chrome-trace JSON (Perfetto, TensorBoard's profile plugin); null: off, no cost",
+        "torch.profiler window: global steps A-B (e.g. 10-15) or one step, traced on track.profile_ranks into "
+        "<run>/profile/ as gzipped Chrome-trace JSON (Perfetto, TensorBoard's profile plugin); null: off, no cost",
     )
-    profile_ranks: str = _f("0", "ranks the profiler window traces: comma-separated (e.g. 0,1) or all")
+    profile_ranks: str | int = _f("0", "ranks the profiler window traces: comma-separated (e.g. 0,1) or all")
     peak_tflops: float | None = _f(
         None,
         "peak TFLOP/s of one rank's device for the MFU figure; null: a known GPU's bf16/fp16 dense peak, and on "
@@ -328,7 +329,7 @@ def profile_window(track: TrackConfig) -> tuple[int, int] | None:
     """``track.profile_steps`` as (first, last) global steps; None when off."""
     if track.profile_steps is None:
         return None
-    first, _, last = track.profile_steps.partition("-")
+    first, _, last = str(track.profile_steps).partition("-")
     return int(first), int(last or first)
 
 
@@ -340,16 +341,22 @@ def _validate_track(track: TrackConfig) -> None:
            "comma-separated names from tensorboard, wandb, mlflow, each once (or none)", track.trackers)
     _check(bool(track.wandb_project.strip()) and "/" not in track.wandb_project, "track.wandb_project",
            "a non-empty project name without '/'", track.wandb_project)
+    # A password in the URI would be written to config.yaml, trackers.json and the trackers' params (shown hidden).
+    password = re.compile(r"(://[^/@:]*:)[^/@]*@")
+    _check(track.mlflow_uri is None or not password.search(track.mlflow_uri), "track.mlflow_uri",
+           "a URI without a password (it would be written into the run folder): set MLFLOW_TRACKING_USERNAME and "
+           "MLFLOW_TRACKING_PASSWORD for a server, PGPASSWORD or ~/.pgpass for a database",
+           password.sub(r"\1***@", track.mlflow_uri or ""))
     scheme = (track.mlflow_uri or "").partition("://")[0] if "://" in (track.mlflow_uri or "") else ""
     _check(track.mlflow_uri is None or (bool(track.mlflow_uri.strip()) and scheme in MLFLOW_SCHEMES),
            "track.mlflow_uri", "null or a tracking URI (http(s)://host:port, sqlite:///path.db, postgresql://..., "
            "databricks, or a folder)", track.mlflow_uri)
     _check(bool(track.mlflow_experiment.strip()), "track.mlflow_experiment", "a non-empty name", track.mlflow_experiment)
-    steps = track.profile_steps
+    steps = None if track.profile_steps is None else str(track.profile_steps)
     _check(steps is None or (re.fullmatch(r"[1-9][0-9]{0,8}(-[1-9][0-9]{0,8})?", steps) is not None
                              and profile_window(track)[0] <= profile_window(track)[1]),  # type: ignore[index]
            "track.profile_steps", "null or global steps A-B with 1 <= A <= B (e.g. 10-15)", steps)
-    _check(track.profile_ranks == "all" or re.fullmatch(r"[0-9]+(,[0-9]+)*", track.profile_ranks) is not None,
+    _check(track.profile_ranks == "all" or re.fullmatch(r"[0-9]+(,[0-9]+)*", str(track.profile_ranks)) is not None,
            "track.profile_ranks", "all or comma-separated rank numbers (e.g. 0,1)", track.profile_ranks)
     _check(track.peak_tflops is None or track.peak_tflops > 0, "track.peak_tflops", "null or a number > 0",
            track.peak_tflops)

@@ -1,9 +1,11 @@
 """Where the time and memory go: the torch.profiler window, peak memory per rank, and model FLOP utilisation.
 
 - :class:`ProfileWindow` traces global steps A-B (``track.profile_steps``) on the ranks of
-  ``track.profile_ranks`` into ``<run>/profile/rank<r>.steps<A>-<B>.pt.trace.json``, a Chrome
-  trace that Perfetto (ui.perfetto.dev) and TensorBoard's profile plugin open. Each step is a
-  ``ProfilerStep#<global step>`` span. Off (``None``), the loop pays one comparison per step.
+  ``track.profile_ranks`` into ``<run>/profile/rank<r>.steps<A>-<B>.pt.trace.json.gz``, a gzipped
+  Chrome trace that Perfetto (ui.perfetto.dev) and TensorBoard's profile plugin open. Each step is a
+  ``ProfilerStep#<global step>`` span, from the end of the step before to the end of the step's own
+  loss all-reduce and checkpoint (docs/tracking.md: "Profiler window"). Off (``None``), the loop pays
+  one comparison per step.
 - :func:`peak_memory_mb`: CUDA's max allocated bytes on GPU, the process's peak RSS on CPU.
 - :func:`train_flops_per_image`: counted once with ``FlopCounterMode`` on one forward, times 3
   (forward + backward, whose two matmuls per layer cost twice the forward).
@@ -29,7 +31,8 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 class ProfileWindow:
     """torch.profiler over global steps ``first``..``last`` on this rank. :meth:`at` is called with the
-    global step before the first step of the run and after every optimizer step."""
+    global step before the first step of the run and at the end of every step (after its loss all-reduce
+    and its checkpoint, when one is due)."""
 
     def __init__(self, first: int, last: int, out: Path) -> None:
         self.first, self.last, self.out = first, last, out
@@ -70,11 +73,13 @@ def profile_window_for(track: TrackConfig, ctx: DistContext, run_dir: Path) -> P
     window = profile_window(track)
     if window is None:
         return None
-    ranks = track.profile_ranks
+    ranks = str(track.profile_ranks)
     if ranks != "all" and ctx.rank not in {int(r) for r in ranks.split(",")}:
         return None
     first, last = window
-    return ProfileWindow(first, last, Path(run_dir) / "profile" / f"rank{ctx.rank}.steps{first}-{last}.pt.trace.json")
+    # Gzipped: a few steps of a large model trace to hundreds of MB of JSON, and both viewers read .gz.
+    return ProfileWindow(first, last,
+                         Path(run_dir) / "profile" / f"rank{ctx.rank}.steps{first}-{last}.pt.trace.json.gz")
 
 
 def peak_memory_mb(device: torch.device) -> float:

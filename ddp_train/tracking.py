@@ -3,11 +3,14 @@
 Other ranks get a :class:`NullTracker` whose methods do nothing, so the training loop has no
 ``if rank == 0`` in it.
 
-The W&B and MLflow sinks (:mod:`ddp_train.trackers`) get the same scalars, batched per step; one
-that fails is dropped with a warning line and never stops the run. A write that fails (full disk, permissions, the run folder removed) does not stop the tracker's
-caller: the first failure is kept as one line (:class:`TrackerWriteError`), later writes are
-skipped, and the trainer ends every rank with it at the next step's agreement (:attr:`failed`,
-:meth:`check`) or at :meth:`close`.
+The W&B and MLflow sinks (:mod:`ddp_train.trackers`) get the same scalars, batched in rows: one per
+global step for the step's training values, then one for what the step's epoch end adds (validation,
+test, figures); a sink that fails is dropped with a warning line and never stops the run.
+
+A write of metrics.json or TensorBoard that fails (full disk, permissions, the run folder removed)
+does not stop the tracker's caller: the first failure is kept as one line (:class:`TrackerWriteError`),
+later writes are skipped, and the trainer ends every rank with it at the next step's agreement
+(:attr:`failed`, :meth:`check`) or at :meth:`close`.
 """
 
 from __future__ import annotations
@@ -97,8 +100,11 @@ class Tracker(NullTracker):
                  sinks: Sinks | None = None) -> None:
         super().__init__()
         self.sinks = sinks if sinks is not None else Sinks([])
-        self._pending: dict[str, float] = {}  # the sinks' scalars of step _pending_step, sent when the step changes
-        self._pending_step = 0
+        # The sinks' row being filled: its scalars, global step and part (False: the step's training values,
+        # True: its epoch end's). Sent when either changes; a resumed start's first row follows the checkpoint's step.
+        self._pending: dict[str, float] = {}
+        self._pending_step = 0 if purge_step is None else purge_step - 1
+        self._pending_end = False
         self._finished = False
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.json"
@@ -147,31 +153,38 @@ class Tracker(NullTracker):
         if self.writer is not None:
             self._board(lambda: self.writer.add_scalar(tag, value, step))
         if self.sinks.sinks:
-            if step != self._pending_step:
-                self._flush_sinks()
-            self._pending_step = step
-            self._pending[tag] = float(value)
+            # Once a step's epoch end has begun, later scalars of that step (timings) join the epoch end's row.
+            self._queue({tag: float(value)}, step, self._pending_end and step == self._pending_step)
+
+    def _queue(self, values: dict[str, float], step: int, epoch_end: bool) -> None:
+        """Add ``values`` to the sinks' row of (``step``, ``epoch_end``), sending the pending row first if it differs."""
+        if (step, epoch_end) != (self._pending_step, self._pending_end):
+            self._flush_sinks()
+        self._pending_step, self._pending_end = step, epoch_end
+        self._pending.update(values)
 
     def _flush_sinks(self) -> None:
-        """Send the pending step's scalars to the sinks (one call each)."""
+        """Send the pending row to the sinks (one call each)."""
         pending, self._pending = self._pending, {}
-        self.sinks.scalars(pending, self._pending_step)
+        self.sinks.scalars(pending, self._pending_step, self._pending_end)
 
     def log_epoch(self, record: dict[str, Any], step: int, figures: dict[str, Any] | None = None) -> None:
         """Report an epoch's record (already in ``history``): console line, metrics.json, TensorBoard and the
         sinks at ``step``; ``figures`` (peak memory per rank, GFLOP/s, MFU: ddp_train/profiling.py) go to the
         line and the trackers, not to metrics.json (they differ between equal runs)."""
         self._write_metrics()
-        for tag, key in (("train/loss_epoch", "train_loss"), ("valid/loss", "valid_loss"),
-                         ("valid/acc", "valid_acc"), ("lr", "lr"), ("throughput/img_per_s", "img_per_s")):
-            self.scalar(tag, record[key], step)
         figures = figures or {}
-        for rank, mb in enumerate(figures.get("peak_mem_mb", [])):
-            self.scalar(f"memory/peak_mb/rank{rank}", mb, step)
-        for tag, key in (("throughput/gflop_per_s", "gflop_per_s"), ("throughput/mfu", "mfu")):
-            if key in figures:
-                self.scalar(tag, figures[key], step)
-        self._flush_sinks()
+        values = {tag: float(record[key]) for tag, key in (
+            ("train/loss_epoch", "train_loss"), ("valid/loss", "valid_loss"), ("valid/acc", "valid_acc"),
+            ("lr", "lr"), ("throughput/img_per_s", "img_per_s"))}
+        values.update({f"memory/peak_mb/rank{rank}": mb for rank, mb in enumerate(figures.get("peak_mem_mb", []))})
+        values.update({tag: figures[key] for tag, key in (("throughput/gflop_per_s", "gflop_per_s"),
+                                                          ("throughput/mfu", "mfu")) if key in figures})
+        for tag, value in values.items():
+            if self.writer is not None:
+                self._board(lambda tag=tag, value=value: self.writer.add_scalar(tag, value, step))
+        if self.sinks.sinks:  # the epoch end's row: a resume after a stop on the epoch's last step sends it then
+            self._queue(values, step, True)
         if self.writer is not None:
             self._board(self.writer.flush)
         self.info(
@@ -185,8 +198,8 @@ class Tracker(NullTracker):
     def log_test(self, result: dict[str, Any]) -> None:
         self.test = result
         self._write_metrics()
-        if self.sinks.sinks:  # at the last step (TensorBoard has them in the hparams)
-            self._pending.update({"test/loss": float(result["loss"]), "test/acc": float(result["acc"])})
+        if self.sinks.sinks:  # in the last epoch end's row (TensorBoard has them in the hparams)
+            self._queue({"test/loss": float(result["loss"]), "test/acc": float(result["acc"])}, self._pending_step, True)
         self.info(f"test | loss {result['loss']:.4f} | acc {result['acc']:.4f} | count {result['count']} "
                   f"| {result.get('weights', 'best')} weights")
         worst = sorted(result["per_class_acc"].items(), key=lambda kv: kv[1])
@@ -206,7 +219,7 @@ class Tracker(NullTracker):
         hyperparameters when they opened, and get the final metrics at the last step.
         """
         if self.sinks.sinks:
-            self._pending.update({k: float(v) for k, v in metrics.items()})
+            self._queue({k: float(v) for k, v in metrics.items()}, self._pending_step, True)
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary

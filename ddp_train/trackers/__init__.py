@@ -21,7 +21,8 @@ class Sink(Protocol):
 
     name: str
 
-    def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def scalars(self, values: dict[str, float], step: int, epoch_end: bool) -> None:
+        """One row: the training values of global step ``step``, or (``epoch_end``) what its epoch end adds."""
     def close(self, finished: bool) -> None: ...
 
 
@@ -45,9 +46,9 @@ class Sinks:
                 self.sinks.remove(sink)
                 _warn(sink.name, what, e)
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def scalars(self, values: dict[str, float], step: int, epoch_end: bool = False) -> None:
         if values:
-            self._each(f"logging step {step}", lambda s: s.scalars(values, step))
+            self._each(f"logging step {step}", lambda s: s.scalars(values, step, epoch_end))
 
     def close(self, finished: bool) -> None:
         self._each("closing", lambda s: s.close(finished))

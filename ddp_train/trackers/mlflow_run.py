@@ -34,7 +34,7 @@ class MlflowSink:
     def __init__(self, client: Any, run_id: str) -> None:
         self.client, self.run_id = client, run_id
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def scalars(self, values: dict[str, float], step: int, epoch_end: bool) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -2,8 +2,13 @@
 
 Offline by default (``track.wandb_mode``): the run's files go to ``<run>/wandb/`` and
 ``wandb sync <run>/wandb/offline-run-*`` uploads them later (docs/tracking.md: "Weights & Biases").
-Every start of the run folder opens the same run id with ``resume="allow"``; the steps are the
-run's global optimizer steps, so a resumed run continues the same axis.
+Every start of the run folder opens the same run id with ``resume="allow"``, and the charts' x-axis is
+``global_step`` (the run's optimizer steps), so a resumed run continues the same axis.
+
+W&B's own row number (``_step``) must grow across the starts of a run: W&B ignores a row below the
+last one (a resumed online run starts after the server's last row). Row ``2 * global_step`` holds a
+step's training values and ``2 * global_step + 1`` what its epoch end adds: a run stopped on an epoch's
+last step validates that epoch after its resume, at the same global step, in the row after the stop's.
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ from .runids import read_ids, record_id
 
 
 class WandbSink:
-    """Logs scalars to one W&B run (``run.log(values, step=...)``)."""
+    """Logs scalars to one W&B run, with ``global_step`` in every row."""
 
     name = "wandb"
 
     def __init__(self, run: Any) -> None:
         self.run = run
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+    def scalars(self, values: dict[str, float], step: int, epoch_end: bool) -> None:
+        self.run.log({**values, "global_step": step}, step=2 * step + int(epoch_end))
 
     def close(self, finished: bool) -> None:
         # 75: stopped with a checkpoint (ddp_train/errors.py); W&B shows it as not finished, and a resume reopens it.
@@ -48,4 +53,6 @@ def open_sink(track: TrackConfig, run_dir: Path, hparams: dict[str, Any]) -> Wan
         # console off: W&B would otherwise wrap stdout and stderr, where ddp_train's one-line messages go.
         settings=wandb.Settings(console="off", silent=True, disable_git=True),
     )
+    run.define_metric("global_step")
+    run.define_metric("*", step_metric="global_step")  # every chart against the optimizer step, not W&B's row
     return WandbSink(run)

@@ -203,10 +203,10 @@ class StepHook:
         self.state.step_in_epoch = done
         self.state.fold_samples(self.batch_ids(done - 1))
         CLOCK.step_done(self.state.global_step)
-        if self.measures is not None and self.measures.window is not None:
-            self.measures.window.at(self.state.global_step)
         with CLOCK.phase_of("sync"):
             self._after_step(loss, loss_sum, samples)
+        if self.measures is not None and self.measures.window is not None:  # the step's span ends after its sync
+            self.measures.window.at(self.state.global_step)
 
     def _after_step(self, loss: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
         state, ctx = self.state, self.ctx
