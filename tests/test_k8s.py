@@ -4,7 +4,7 @@ No cluster runs here, so this proves what can be proven without one:
 
 - schema: ``trainjob.yaml`` (Kubeflow Trainer v2) and ``pytorchjob-elastic.yaml`` (training-operator v1)
   validate against the ``openAPIV3Schema`` of the CRDs copied into ``launch/k8s/schemas/`` (source named in
-  its README), strictly: an unknown field is an error, as with ``kubectl apply --validate=strict``; a broken
+  launch/k8s/schemas/README.md), strictly: an unknown field is an error, as with ``kubectl apply --validate=strict``; a broken
   manifest (a wrong type, a misspelt field, a missing required field) is refused;
 - pods: the TrainJob's two pods run as two process trees on this machine, each started with only the
   environment the torch-distributed runtime and Kubernetes give a pod (``PET_*``, ``HOSTNAME``,

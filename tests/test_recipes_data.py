@@ -2,9 +2,12 @@
 
 In-process: the mixed batches of both input paths are the same at world size 1 and 2 (bit for bit),
 equal to the hand mix of the global batch's images by the step's pairing, and a resumed epoch
-(the sampler's skip) repeats them. Through the CLI under torchrun: fp64, 1 process vs 2 ranks with
-SyncBN and mixup/cutmix/erasing on (device path) agree to 1e-9; SIGTERM + ``resume=auto`` repeats an
-uninterrupted run bit for bit on both paths (DataLoader: TrivialAugment, erasing, mixup/cutmix, workers).
+(the sampler's skip) repeats them; the steps' draws follow data.mix_prob and data.mix_switch_prob;
+TrivialAugmentWide and RandAugment are torchvision's, applied per sample under its (seed, epoch, sample)
+seed. Through the CLI under torchrun: fp64, 1 process vs 2 ranks with SyncBN and mixup/cutmix/erasing on
+(device path) agree to 1e-9, with the sample digest of the unmixed sample order; SIGTERM + ``resume=auto``
+repeats an uninterrupted run bit for bit on both paths (DataLoader: TrivialAugment, erasing,
+mixup/cutmix, workers).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ SMALL = ["data.synthetic_size=300", "train.batch_size=32", "data.num_workers=0",
     ("data.ra_magnitude=31", "data.ra_magnitude: expected an integer from 0 to 30"),
     ("data.random_erase=1.5", "data.random_erase: expected a probability in [0, 1]"),
     ("data.erase_max_area=1", "data.erase_min_area: expected 0 < data.erase_min_area <= data.erase_max_area < 1"),
+    ("data.erase_min_area=0", "data.erase_min_area: expected 0 < data.erase_min_area <= data.erase_max_area < 1"),
     ("data.erase_max_aspect=0.5", "data.erase_max_aspect: expected a number >= 1"),
     ("data.mixup_alpha=-1", "data.mixup_alpha: expected 0 (off) or a number > 0"),
     ("data.cutmix_alpha=-1", "data.cutmix_alpha: expected 0 (off) or a number > 0"),
     ("data.mix_prob=2", "data.mix_prob: expected a probability in [0, 1]"),
     ("data.mix_switch_prob=-0.1", "data.mix_switch_prob: expected a probability in [0, 1]"),
+    ("data.mixup_alpha=nan", "data.mixup_alpha: expected a number"),
 ])
 def test_augmentation_keys_refuse_bad_values_with_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -45,17 +50,18 @@ def test_augmentation_keys_refuse_bad_values_with_one_line(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
-def test_trivial_augment_on_the_device_path_is_refused_with_one_line(tmp_path):
-    """data.device_resident=true cannot run TrivialAugment (per-sample operations): exit 2, one line, never
-    a silent skip; with auto the run takes the DataLoader path and says why."""
-    res = run_cli(["data.auto_augment=ta_wide", "data.device_resident=true", f"out_dir={tmp_path}"], timeout=120)
+@pytest.mark.parametrize("policy", ["ta_wide", "ra"])
+def test_auto_augment_on_the_device_path_is_refused_with_one_line(policy, tmp_path):
+    """data.device_resident=true cannot run TrivialAugment or RandAugment (per-sample operations): exit 2, one
+    line, never a silent skip; with auto the run takes the DataLoader path and says why."""
+    res = run_cli([f"data.auto_augment={policy}", "data.device_resident=true", f"out_dir={tmp_path}"], timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ddp_train: error: data.auto_augment:") \
-        and "set data.device_resident=false" in lines[0], res.stderr
-    cfg = load_config(None, [*SMALL, "data.auto_augment=ta_wide"])
+        and "set data.device_resident=false" in lines[0] and lines[0].endswith(f"got '{policy}'"), res.stderr
+    cfg = load_config(None, [*SMALL, f"data.auto_augment={policy}"])
     bundle = build_data(load_dataset(cfg.data), cfg, _ctx())
-    assert not bundle.device_resident and "data.auto_augment=ta_wide" in bundle.input_path
+    assert not bundle.device_resident and f"data.auto_augment={policy}" in bundle.input_path
 
 
 def _ctx(rank: int = 0, world: int = 1) -> DistContext:
@@ -97,10 +103,16 @@ def test_mixed_batches_do_not_depend_on_the_world_size_and_resume_exactly(path):
     kinds = set()
     for k, (x, t) in enumerate(one):
         partner = torch.from_numpy(mixing.pairing(3, k)) + 32 * k
+        own, other = images[32 * k:32 * (k + 1)], images[partner]
         lam, box = mixing.draw(3, k, x.shape[-2], x.shape[-1])
         kinds.add("none" if lam == 1.0 else "mixup" if box is None else "cutmix")
-        want, _ = mixing.mix(images[32 * k:32 * (k + 1)], images[partner], labels[32 * k:32 * (k + 1)],
-                             labels[partner], 3, k)
+        if box is None:  # mixup (or no mixing: lam 1): the blend
+            want = own * lam + other * (1.0 - lam)
+        else:  # cutmix: the partner's box pasted, lambda the area kept
+            y0, y1, x0, x1 = box
+            want = own.clone()
+            want[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+            assert 0 < (y1 - y0) * (x1 - x0) and lam == 1 - (y1 - y0) * (x1 - x0) / (32 * 32)
         assert torch.equal(x, want), k
         hot = torch.nn.functional.one_hot(labels[32 * k:32 * (k + 1)], 10).float()
         assert torch.equal(t, hot * lam + torch.nn.functional.one_hot(labels[partner], 10).float() * (1 - lam))
@@ -109,6 +121,58 @@ def test_mixed_batches_do_not_depend_on_the_world_size_and_resume_exactly(path):
     assert len(resumed) == 4
     for (x, t), (x2, t2) in zip(two[1][3:], resumed, strict=True):
         assert torch.equal(x, x2) and torch.equal(t, t2)
+
+
+def test_the_draws_follow_mix_prob_switch_prob_and_beta():
+    """Over 4000 steps: data.mix_prob of them mixed, data.mix_switch_prob of those cutmix, mixup's lambda
+    Beta(alpha, alpha) (mean 1/2, variance 1/(4(2 alpha + 1))); one kind alone when the other alpha is 0."""
+    import numpy as np
+
+    from ddp_train.data.mixing import Mixing
+
+    def draws(mixup: float, cutmix: float, prob: float, switch: float) -> list:
+        mixing = Mixing(mixup, cutmix, prob, switch, 10, 32, seed=7)
+        return [mixing.draw(0, s, 32, 32) for s in range(4000)]
+
+    got = draws(0.4, 1.0, 0.7, 0.3)
+    mixed = [d for d in got if d.lam != 1.0 or d.box is not None]
+    cut = [d for d in mixed if d.box is not None]
+    assert abs(len(mixed) / 4000 - 0.7) < 0.03 and abs(len(cut) / len(mixed) - 0.3) < 0.03
+    lam = np.array([d.lam for d in mixed if d.box is None])
+    assert abs(lam.mean() - 0.5) < 0.02 and abs(lam.var() / (1 / (4 * 1.8)) - 1) < 0.1
+    assert all(d.box is None for d in draws(0.4, 0.0, 1.0, 0.9))
+    assert all(d.box is not None for d in draws(0.0, 1.0, 1.0, 0.1))
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra"])
+def test_auto_augment_is_torchvisions_per_sample_under_its_seed(policy):
+    """The DataLoader path's uint8 batches with data.auto_augment are torchvision's TrivialAugmentWide or
+    RandAugment(data.ra_num_ops, data.ra_magnitude) applied to each sample under the torch seed of
+    (train.seed, epoch, sample), whichever rank loads it (rank 1 of 2 here)."""
+    from torchvision.transforms import v2
+
+    from ddp_train.data.loaders import sample_seed
+
+    keys = [*SMALL, "data.mixup_alpha=0", "data.cutmix_alpha=0", "data.augment=false", "data.random_erase=0",
+            "data.device_resident=false", f"data.auto_augment={policy}", "data.ra_num_ops=3", "data.ra_magnitude=20"]
+    cfg = load_config(None, keys)
+    bundle = build_data(load_dataset(cfg.data), cfg, _ctx(1, 2))
+    bundle.train.sampler.set_epoch(3)
+    loader = bundle.train.loader  # the uint8 batches, before the rank normalises them
+    split = bundle.train.dataset
+    policy_fn = v2.TrivialAugmentWide() if policy == "ta_wide" else v2.RandAugment(num_ops=3, magnitude=20)
+    changed = 0
+    for k, (pixels, _) in enumerate(loader):
+        if k == 2:
+            break
+        positions = bundle.sampler.global_batch(k, 32)[1::2]  # rank 1's half of global batch k
+        for image, pos in zip(pixels, positions, strict=True):
+            index = int(split.indices[pos])
+            plain = split.source.load(index)
+            torch.manual_seed(sample_seed(cfg.train.seed, 3, index))
+            assert torch.equal(image, policy_fn(plain)), (k, index)
+            changed += not torch.equal(image, plain)
+    assert changed > 16  # most images are changed (some operations are the identity, or change nothing)
 
 
 def test_erasing_and_trivial_augment_are_drawn_per_sample_and_erasing_zeroes_rectangles():
@@ -183,6 +247,17 @@ def test_fp64_one_vs_two_ranks_with_mixing_and_sigterm_resume_on_the_device_path
     for a, b in zip(_history(tmp_path / "one"), _history(tmp_path / "two"), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
         assert a["sample_digest"] == b["sample_digest"]
+    # The digest names the samples each step trains on, in the sampler's order: the partners are not in it.
+    from ddp_train.persistence.state import fold_digest
+
+    cfg = load_config(None, FP64)
+    bundle = build_data(load_dataset(cfg.data), cfg, _ctx())
+    digest = ""
+    for epoch, record in enumerate(_history(tmp_path / "two")):
+        bundle.sampler.set_epoch(epoch)
+        for k in range(len(bundle.train)):
+            digest = fold_digest(digest, bundle.global_batch_ids(k, 32))
+        assert record["sample_digest"] == digest, epoch
     _assert_same_run(_sigterm_then_resume(FP64, tmp_path / "resumed"), tmp_path / "two")
 
 

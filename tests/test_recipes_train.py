@@ -1,9 +1,10 @@
 """The training recipe's extras: EMA of the weights, gradient clipping, early stopping (docs/recipes.md).
 
-In-process checks against hand computations (fp64), then one uninterrupted 2-rank run under torchrun
-with all three on (EMA with warm-up every 2 steps evaluated, clipping that clips, accumulation,
-an early stop after epoch 3 of 5), which a SIGTERM + ``resume=auto`` run and a run resumed from the
-middle of epoch 3 (its early-stop counter at 1) must repeat bit for bit.
+In-process checks against hand computations (fp64), clipping with accumulation under DDP on 2 real gloo
+ranks against a 1-process reference, then one uninterrupted 2-rank run under torchrun with all three on
+(EMA with warm-up every 2 steps evaluated, clipping that clips, accumulation, an early stop after
+epoch 3 of 5), which a SIGTERM + ``resume=auto`` run and a run resumed from the middle of epoch 3 (its
+early-stop counter at 1) must repeat bit for bit; eval, predict and demo read either weights of it.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import json
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddp_train.commands.demo import info_html, run_info
 from ddp_train.config import ConfigError, load_config
+from ddp_train.persistence.weights import WeightsError, load_trained
 from ddp_train.training.clipping import GradClip
 from ddp_train.training.ema import ModelEma
 from ddp_train.training.engine import StepOptions, train_step
 from ddp_train.training.stopping import EarlyStopping
 
-from .helpers import TINY, assert_ok, run_cli
+from .helpers import TINY, assert_ok, run_cli, spawn
 
 
 @pytest.mark.parametrize("override, message", [
@@ -37,6 +41,9 @@ from .helpers import TINY, assert_ok, run_cli
     ("train.early_stop_patience=-1", "train.early_stop_patience: expected an integer >= 0"),
     ("train.early_stop_min_delta=-0.1", "train.early_stop_min_delta: expected a number >= 0"),
     ("train.early_stop_metric=acc", "train.early_stop_metric: expected one of valid_loss, valid_acc"),
+    ("train.early_stop_patience=1.5", "train.early_stop_patience: expected an integer"),
+    ("train.ema_warmup=maybe", "train.ema_warmup: expected true or false"),
+    ("train.eval_weights=best", "train.eval_weights: expected one of trained, ema"),
 ])
 def test_recipe_keys_refuse_bad_values_with_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -72,6 +79,53 @@ def test_clipping_runs_once_per_step_on_the_whole_batch_gradient(scaled):
     for a, b in zip(model.parameters(), hand.parameters()):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-15), (a - b).abs().max()
     assert abs(clip.take_epoch() - sum(norms) / 3) < 1e-12 and float(clip.count) == 0  # the epoch's mean, reset
+
+
+CLIP = 0.05
+
+
+def _clip_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A model without BN (micro-batches and shards sum to the batch gradient) and a global batch of 8, fp64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
+    return model, torch.randn(8, 3, 2, 2, dtype=torch.float64), torch.randint(0, 5, (8,))
+
+
+def _clip_on_ranks(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """3 steps of DDP over ``world`` gloo ranks, 2 micro-batches of 2 per rank, clipped: (norms, weights, clips)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, x, y = _clip_problem()
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    clip = GradClip(CLIP)
+    norms = []
+    for _ in range(3):  # rank r's share of the global batch: samples r, r + W, ... (the sampler's striding)
+        train_step(ddp, x[rank::world], y[rank::world], optimizer,
+                   StepOptions(torch.float64, 0.0, None, micro_batch_size=2, clip=clip))
+        norms.append(float(clip.last))
+    return norms, {k: v.clone() for k, v in model.state_dict().items()}, clip.calls
+
+
+def test_clipping_under_ddp_with_accumulation_is_the_same_on_every_rank_and_equals_one_process():
+    """2 real gloo ranks, 2 micro-batches each: each rank measures the norm of the all-reduced global gradient
+    (bit-identical on both ranks), clips once per step, and the weights equal one process's on the whole batch
+    (fp64, 1e-12). Clipping a rank's own gradient, or a micro-batch's, would give other norms on each rank."""
+    ranks = spawn(_clip_on_ranks, 2)
+    model, x, y = _clip_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    clip = GradClip(CLIP)
+    expected = []
+    for _ in range(3):
+        train_step(model, x, y, optimizer, StepOptions(torch.float64, 0.0, None, clip=clip))
+        expected.append(float(clip.last))
+    assert min(expected) > CLIP  # every step clips
+    (norms0, weights0, calls0), (norms1, weights1, calls1) = ranks
+    assert norms0 == norms1 and calls0 == calls1 == 3
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
+    assert all(abs(a - b) < 1e-12 * b for a, b in zip(norms0, expected)), (norms0, expected)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(weights0[k], v, rtol=1e-12, atol=1e-15), k
 
 
 def test_ema_follows_its_formula_with_warmup_every_n_steps_and_bn_buffers():
@@ -180,6 +234,62 @@ def test_the_recipe_run_stops_early_tests_the_ema_weights_and_exports_them(ref):
     res = run_cli(["eval", "--checkpoint", str(run / "checkpoints" / "model.pth"), "--json"])
     assert_ok(res)
     assert json.loads(res.stdout)["acc"] == test["acc"] and abs(json.loads(res.stdout)["loss"] - test["loss"]) < 1e-6
+    assert json.loads(res.stdout)["weights"] == "EMA"
+    # The norm before clipping reaches TensorBoard at the logged step (log_every_steps 10 of 15 steps).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = []
+    for file in (run / "tb").rglob("events.out.tfevents.*"):  # training's, and eval's beside it
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        logged += events.Scalars("train/grad_norm") if "train/grad_norm" in events.Tags()["scalars"] else []
+    assert [e.step for e in logged] == [10] and 0.5 < logged[0].value < float("inf")
+
+
+def _eval(checkpoint: Path, *args: str) -> dict:
+    res = run_cli(["eval", "--checkpoint", str(checkpoint), "--json", *args])
+    assert_ok(res)
+    return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_eval_predict_and_demo_read_either_weights_and_say_which(ref, tmp_path):
+    """best.pt holds both: by default the EMA ones (the run evaluated them: its test result again), with
+    --weights trained its "model" ones (what a copy of best.pt without its EMA entry gives); asking a file for
+    weights it lacks is one line (exit 2). Each command says which weights it used."""
+    run, _ = ref
+    best = run / "checkpoints" / "best.pt"
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    ema, trained = _eval(best), _eval(best, "--weights", "trained")  # predict below asks for ema by name
+    assert (ema["weights"], trained["weights"]) == ("EMA", "trained")
+    assert abs(ema["loss"] - test["loss"]) < 1e-6 and trained["loss"] != ema["loss"]
+    plain = torch.load(best, weights_only=True)
+    plain["ema"] = None  # a run without EMA: its "model" weights are all there is
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(plain, tmp_path / "checkpoints" / "best.pt")
+    assert _eval(tmp_path / "checkpoints" / "best.pt")["loss"] == trained["loss"]
+    res = run_cli(["eval", "--checkpoint", str(tmp_path / "checkpoints" / "best.pt"), "--weights", "ema"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"ddp_train: error: --weights ema: {tmp_path / 'checkpoints' / 'best.pt'} holds no EMA weights (its run had "
+        "train.ema_decay 0); use --weights trained"], res.stderr
+    with pytest.raises(WeightsError, match=r"^--weights trained: .*model.pth holds the run's EMA weights only; "
+                                           r"pass the run's checkpoints/best.pt or last.pt, which hold both$"):
+        load_trained(run / "checkpoints" / "model.pth", choice="trained")
+    assert load_trained(run / "checkpoints" / "model.pth", choice="ema").kind == "EMA"
+    # predict: the same choice, said in its JSON; the two kinds give other probabilities.
+    image = tmp_path / "x.npy"
+    np.save(image, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = {}
+    for kind in ("ema", "trained"):
+        res = run_cli(["predict", "--checkpoint", str(best), "--json", "--weights", kind, str(image), "--top-k", "10"])
+        assert_ok(res)
+        out[kind] = json.loads(res.stdout)
+    assert (out["ema"]["weights"], out["trained"]["weights"]) == ("EMA", "trained")
+    assert out["ema"]["results"][0]["top_k"] != out["trained"]["results"][0]["top_k"]
+    # demo: the page says which weights it serves.
+    for kind, word in (("trained", "trained"), (None, "EMA")):
+        info = run_info(load_trained(best, choice=kind))
+        assert info["weights"] == word and f"{word} weights</p>" in info_html(info)
 
 
 @pytest.mark.slow
@@ -191,6 +301,18 @@ def test_resumed_mid_epoch_3_the_early_stop_counter_continues_exactly(ref, tmp_p
     assert_ok(res)
     assert "resumed from epoch 3 step 2 (global step 12)" in res.stdout and STOP_LINE in res.stdout
     _assert_same_run(tmp_path / "r", run)
+
+
+@pytest.mark.slow
+def test_resuming_a_run_that_stopped_early_tests_again_without_training(ref, tmp_path):
+    """Its last checkpoint holds the stop (the counter and the reason): no epoch 4, the same test result."""
+    run, _ = ref
+    res = run_cli([*CFG, f"out_dir={tmp_path}", "run_name=r", f"resume={run / 'checkpoints' / 'last.pt'}"], nproc=2)
+    assert_ok(res)
+    assert "resumed from epoch 4 step 0 (global step 15)" in res.stdout and "epoch   4 |" not in res.stdout
+    assert _history(tmp_path / "r") == _history(run)
+    tests = [json.loads((r / "metrics.json").read_text())["test"] for r in (tmp_path / "r", run)]
+    assert tests[0] == tests[1]
 
 
 @pytest.mark.slow

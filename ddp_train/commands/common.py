@@ -23,6 +23,13 @@ class SubcommandParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+def add_weights_option(p: argparse.ArgumentParser) -> None:
+    """``--weights trained|ema``: which weights of a full checkpoint eval, predict and demo use."""
+    p.add_argument("--weights", choices=("trained", "ema"), default=None,
+                   help="which weights of a full checkpoint: trained, or ema (the EMA copy of a run with "
+                        "train.ema_decay > 0); default: those the run evaluated (train.eval_weights), as in model.pth")
+
+
 def fail(message: str, rank: int = 0, report: bool = True) -> int:
     """One line on stderr (rank 0, or the rank that reports), exit code 2."""
     if rank == 0 and report:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..resilience.signals import StopFlag
-from .common import SubcommandParser, fail
+from .common import SubcommandParser, add_weights_option, fail
 from .evaluate import default_run_dir
 
 INSTALL = "pip install 'ddp_train[demo]' (or: pip install 'gradio>=6')"
@@ -45,7 +45,8 @@ CSS = "#image .image-frame, #image .image-frame img {width: 100%; height: 100%; 
 def _parser() -> SubcommandParser:
     p = SubcommandParser(
         prog="ddp_train demo",
-        usage="python -m ddp_train demo --checkpoint PATH [--port N] [--host 127.0.0.1] [--top-k K] [--device DEVICE]",
+        usage="python -m ddp_train demo --checkpoint PATH [--port N] [--host 127.0.0.1] [--top-k K] [--device DEVICE] "
+              "[--weights trained|ema]",
         description="Serve a web page (Gradio) that classifies uploaded, pasted or dragged images with a trained "
                     "model, exactly as predict does, and shows the run's classes and test accuracy. "
                     f"Needs gradio: {INSTALL}. Ctrl-C stops it.",
@@ -64,6 +65,7 @@ def _parser() -> SubcommandParser:
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show (default 3)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_weights_option(p)
     return p
 
 
@@ -78,7 +80,7 @@ def run_info(trained: Any) -> dict[str, Any]:
         "run": str(trained.config.get("run_name") or (run_dir.name if run_dir else trained.path.stem)),
         "dataset": meta.name, "classes": trained.classes,
         "input": f"{meta.channels}x{meta.image_size}x{meta.image_size}",
-        "checkpoint": str(trained.path), "step": trained.global_step, "test": None,
+        "checkpoint": str(trained.path), "step": trained.global_step, "test": None, "weights": trained.kind,
     }
     metrics = run_dir / "metrics.json" if run_dir else None
     if metrics is not None and metrics.is_file():
@@ -148,7 +150,8 @@ def info_html(info: dict[str, Any]) -> str:
     step = f", step {info['step']}" if info["step"] is not None else ""
     return (f"<h2>ddp_train demo: {e(info['run'])}</h2>"
             f"<p>dataset <b>{e(info['dataset'])}</b> ({len(info['classes'])} classes, input {info['input']}) "
-            f"&middot; {accuracy}<br><code>{e(info['checkpoint'])}</code>{step}</p>"
+            f"&middot; {accuracy}<br><code>{e(info['checkpoint'])}</code>{step}, "
+            f"{e(str(info.get('weights', 'trained')))} weights</p>"
             f"<p id='classes'>classes: {e(', '.join(info['classes']))}</p>")
 
 
@@ -222,7 +225,7 @@ def start(args: Any, examples_dir: Path) -> tuple[Any, str]:
     """
     from .predict import Classifier
 
-    classifier = Classifier.load(args.checkpoint, args.device)  # predict's checks and messages
+    classifier = Classifier.load(args.checkpoint, args.device, args.weights)  # predict's checks and messages
     problem = port_problem(args.host, args.port)
     if problem:
         raise UserError(problem)

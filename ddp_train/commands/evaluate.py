@@ -24,7 +24,7 @@ import numpy as np
 from ..config import Config, ConfigError, config_from_dict
 from ..errors import UserError
 from ..persistence.meta import DatasetMeta
-from .common import SubcommandParser
+from .common import SubcommandParser, add_weights_option
 
 SPLITS = ("test", "valid")
 
@@ -33,7 +33,7 @@ def _parser(rank: int) -> SubcommandParser:
     p = SubcommandParser(
         prog="ddp_train eval",
         usage="python -m ddp_train eval --checkpoint PATH [split=test|valid] [--output FILE] [--json] "
-              "[--run-dir DIR] [key=value ...]\n"
+              "[--run-dir DIR] [--weights trained|ema] [key=value ...]\n"
               "       torchrun --nproc_per_node=N -m ddp_train eval --checkpoint PATH ...",
         description="Exact loss, accuracy, per-class accuracy and confusion matrix of a trained model on a "
                     "whole split, at any world size (every sample counted once).",
@@ -57,6 +57,7 @@ examples:
     p.add_argument("--run-dir", metavar="DIR",
                    help="log the confusion matrix to DIR/tb (default: the run folder holding the checkpoint, "
                         "if it lies in one)")
+    add_weights_option(p)
     p.add_argument("args", nargs="*", metavar="split=...|key=value", help="the split and config overrides")
     return p
 
@@ -137,7 +138,7 @@ def run_eval(cfg: Config, trained: Any, model: Any, split: str, ctx: Any) -> tup
     classes = trained.classes
     result = evaluate(model, loader, ctx, Batcher(ctx.device, cfg.model.channels_last), amp_dtype, len(classes))
     report = {
-        "checkpoint": str(trained.path), "global_step": trained.global_step, "split": split,
+        "checkpoint": str(trained.path), "global_step": trained.global_step, "split": split, "weights": trained.kind,
         "world_size": ctx.world_size, "precision": precision_name(amp_dtype),
         "loss": result.loss, "acc": result.acc, "count": result.count, "classes": classes,
         "per_class_acc": dict(zip(classes, result.per_class_acc())),
@@ -264,7 +265,7 @@ def _main(argv: list[str]) -> int:
     # before any process group: one line from rank 0, exit 2 everywhere, no hang.
     with checked_input(launch.rank):
         split, overrides = split_and_overrides(args.args)
-        trained = load_trained(args.checkpoint)
+        trained = load_trained(args.checkpoint, choice=args.weights)
         cfg = config_from_dict(trained.config, overrides)
         model = build_trained_model(trained, cfg.model.name, width=cfg.model.width)
         if args.output and Path(args.output).is_dir():
@@ -276,7 +277,8 @@ def _main(argv: list[str]) -> int:
         if ctx.is_main:
             step = f" (global step {trained.global_step})" if trained.global_step is not None else ""
             header = (f"eval {trained.path}{step} | {split} split: {result.count} samples, {len(trained.classes)} "
-                      f"classes | {ctx.launcher} x{ctx.world_size} on {ctx.device} | {report['precision']}")
+                      f"classes | {trained.kind} weights | {ctx.launcher} x{ctx.world_size} on {ctx.device} | "
+                      f"{report['precision']}")
             try:
                 _publish(report, header, args, run_dir)
             except OSError as e:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .common import SubcommandParser, fail
+from .common import SubcommandParser, add_weights_option, fail
 
 CHUNK = 64  # files per forward pass
 
@@ -32,7 +32,8 @@ class InputError(Exception):
 def _parser() -> SubcommandParser:
     p = SubcommandParser(
         prog="ddp_train predict",
-        usage="python -m ddp_train predict --checkpoint PATH FILE... [--top-k K] [--json] [--device DEVICE]",
+        usage="python -m ddp_train predict --checkpoint PATH FILE... [--top-k K] [--json] [--device DEVICE] "
+              "[--weights trained|ema]",
         description="Top-k class names with probabilities for image files (PNG, JPEG, ...) and .npy uint8 arrays "
                     "(HxW or HxWxC), with the model's evaluation transform (size, channels, normalisation).",
         epilog="""examples:
@@ -47,6 +48,7 @@ def _parser() -> SubcommandParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_weights_option(p)
     return p
 
 
@@ -119,13 +121,14 @@ class Classifier:
     device: Any
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> Classifier:
-        """The checkpoint's model in eval mode on ``device``; raises UserError (one line) when unusable."""
+    def load(cls, checkpoint: str | Path, device: str = "auto", weights: str | None = None) -> Classifier:
+        """The checkpoint's model (``weights``: trained, ema, or None for those its run evaluated) in eval mode
+        on ``device``; raises UserError (one line) when unusable."""
         from ..data.transforms import eval_transform
         from ..persistence.weights import build_trained_model, load_trained
 
         dev = _device(device)
-        trained = load_trained(checkpoint)
+        trained = load_trained(checkpoint, choice=weights)
         model_cfg = trained.config.get("model", {})
         model = build_trained_model(trained, model_cfg.get("name", "resnet18"),
                                     width=int(model_cfg.get("width", 64))).to(dev)
@@ -163,7 +166,7 @@ def main(argv: list[str]) -> int:
     if args.top_k < 1:
         return fail(f"--top-k: expected an integer >= 1, got {args.top_k}")
     try:
-        classifier = Classifier.load(args.checkpoint, args.device)
+        classifier = Classifier.load(args.checkpoint, args.device, args.weights)
     except UserError as e:
         return fail(str(e))
     results: list[dict[str, Any]] = []
@@ -177,7 +180,8 @@ def main(argv: list[str]) -> int:
                 print(f"{entry['file']}: " + ", ".join(f"{t['class']} {t['prob']:.4f}" for t in entry["top_k"]),
                       flush=True)
     if args.json:
-        json.dump({"checkpoint": str(classifier.trained.path), "classes": classifier.classes, "results": results},
+        json.dump({"checkpoint": str(classifier.trained.path), "weights": classifier.trained.kind,
+                   "classes": classifier.classes, "results": results},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 2 if any("error" in r for r in results) else 0

@@ -70,7 +70,7 @@ KEYS: dict[str, bool] = {
     "global_step": True, "model": True, "optimizer": True, "scheduler": True, "scaler": False,
     "best_valid_loss": True, "best_step": True, "history": True, "config": True, "dataset": True, "world_size": True,
     "partial": True, "rng": True, "epoch_lr": True, "sample_digest": False,
-    # docs/recipes.md: each None while its feature is off.
+    # The recipe's parts (training/ema.py, clipping.py, stopping.py), each None while its feature is off.
     "ema": False, "grad_norm": False, "early_stop": False,
 }
 REQUIRED = tuple(key for key, required in KEYS.items() if required)

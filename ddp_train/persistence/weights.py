@@ -4,10 +4,11 @@ Three kinds of file are accepted, all loaded with ``torch.load(..., weights_only
 crafted pickle is refused, never run):
 
 - this project's full checkpoints (``checkpoints/best.pt``, ``last.pt``, ``step-*.pt``): the
-  weights are their ``"model"``, and they carry the config and the dataset's class names,
+  weights are their ``"model"`` (eval/predict/demo: the ``"ema"`` copy when its run evaluated it,
+  or as ``--weights`` chooses), and they carry the config and the dataset's class names,
   channels, size and normalisation;
-- this project's ``model.pth``: the best weights alone (a plain state dict); eval and predict
-  take the metadata from ``best.pt`` or ``last.pt`` in the same folder;
+- this project's ``model.pth``: the best evaluated weights alone (a plain state dict); eval and
+  predict take the metadata from ``best.pt`` or ``last.pt`` in the same folder;
 - plain torchvision-style state dicts (also under a ``"state_dict"`` key), with or without the
   ``module.`` (DDP, DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import evaluated_weights, safe_load
+from .checkpoint import safe_load
 from .meta import DatasetMeta
 from ..errors import UserError
 
@@ -160,6 +161,7 @@ class Trained:
     dataset: DatasetMeta  # name, classes, channels, image size, normalisation
     global_step: int | None
     meta_from: Path  # the file the config and dataset came from (path itself, or best.pt/last.pt beside it)
+    kind: str = "trained"  # which weights these are: "trained" or "EMA" (docs/recipes.md: "EMA of the weights")
 
     @property
     def classes(self) -> list[str]:
@@ -174,20 +176,46 @@ def _meta(obj: Any) -> tuple[dict[str, Any], DatasetMeta] | None:
     return None if meta is None else (obj["config"], meta)
 
 
-def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
-    """A full checkpoint, or a ``model.pth`` with ``best.pt``/``last.pt`` beside it for the metadata."""
+WEIGHT_KINDS = {"trained": "trained", "ema": "EMA"}  # --weights choices -> Trained.kind
+
+
+def _evaluates_ema(ckpt: dict[str, Any]) -> bool:
+    """The checkpoint's run evaluated (and exported to model.pth) its EMA weights (train.eval_weights: ema)."""
+    ema = ckpt.get("ema")
+    return isinstance(ema, dict) and bool(ema.get("evaluated"))
+
+
+def choose_weights(ckpt: dict[str, Any], choice: str | None, path: Path) -> tuple[Any, str]:
+    """(state dict, kind) of a full checkpoint: ``choice`` "trained" (its ``model``) or "ema" (its EMA copy),
+    None for the weights its run evaluated; one-line :class:`WeightsError` for an EMA it does not hold."""
+    if choice is None:
+        choice = "ema" if _evaluates_ema(ckpt) else "trained"
+    if choice == "trained":
+        return ckpt["model"], WEIGHT_KINDS[choice]
+    ema = ckpt.get("ema")
+    if not (isinstance(ema, dict) and _is_state_dict(ema.get("weights"))):
+        raise WeightsError(f"--weights ema: {path} holds no EMA weights (its run had train.ema_decay 0); "
+                           f"use --weights trained")
+    return ema["weights"], WEIGHT_KINDS[choice]
+
+
+def load_trained(path: str | Path, what: str = "--checkpoint", choice: str | None = None) -> Trained:
+    """A full checkpoint, or a ``model.pth`` with ``best.pt``/``last.pt`` beside it for the metadata.
+
+    ``choice`` (``--weights``): "trained" or "ema"; None takes the weights the run evaluated (the EMA
+    copy under ``train.eval_weights: ema``, as in model.pth). model.pth holds that kind only.
+    """
     p = Path(path).expanduser()  # --checkpoint=~/x: no shell expands a ~ after "="
     obj = read_weights_file(p, what)
     weights = extract_state_dict(obj, p, what)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a full checkpoint
-        # The weights its run evaluated: the EMA copy under train.eval_weights: ema, as in model.pth.
-        evaluated = evaluated_weights(obj)
-        weights = strip_prefixes(evaluated) if _is_state_dict(evaluated) else weights
+        chosen, kind = choose_weights(obj, choice, p)
+        weights = strip_prefixes(chosen) if _is_state_dict(chosen) else weights
         found = _meta(obj)
         if found is None:
             raise WeightsError(f"{what}: {p} has no config or dataset metadata (class names, normalisation); "
                                f"pass a checkpoint written by this version of ddp_train")
-        return Trained(p, weights, *found, obj.get("global_step"), p)
+        return Trained(p, weights, *found, obj.get("global_step"), p, kind)
     for sibling in ("best.pt", "last.pt"):
         candidate = p.parent / sibling
         if candidate.is_file() and candidate.resolve() != p.resolve():
@@ -198,9 +226,19 @@ def load_trained(path: str | Path, what: str = "--checkpoint") -> Trained:
                 continue
             found = _meta(meta)
             if found is not None:
-                return Trained(p, weights, *found, None, candidate)
+                return Trained(p, weights, *found, None, candidate, _model_pth_kind(p, meta, choice))
     raise WeightsError(f"{what}: {p} holds weights only (no config, class names or normalisation), and there is no "
                        f"usable best.pt or last.pt beside it to take them from; pass the run's checkpoints/best.pt")
+
+
+def _model_pth_kind(path: Path, meta: Any, choice: str | None) -> str:
+    """The kind of weights a model.pth holds (its run's evaluated ones, as its best.pt/last.pt says), checked
+    against ``--weights``."""
+    kind = "EMA" if isinstance(meta, dict) and _evaluates_ema(meta) else "trained"
+    if choice is not None and WEIGHT_KINDS[choice] != kind:
+        raise WeightsError(f"--weights {choice}: {path} holds the run's {kind} weights only; pass the run's "
+                           f"checkpoints/best.pt or last.pt, which hold both")
+    return kind
 
 
 def build_trained_model(trained: Trained, model_name: str, what: str = "--checkpoint", width: int = 64) -> nn.Module:
