@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,16 @@ def _resident_mb() -> float:
 
 
 def test_peak_memory_on_cpu_is_the_processs_peak_resident_size():
-    # Compared with the resident size now, not with the peak before: the process may already have
-    # freed memory since an earlier, higher peak, so the peak need not grow by the whole block.
+    # The block is a fresh anonymous mapping, every page written: new resident pages whatever the
+    # allocator holds (CI once saw a 300 MiB numpy array reuse freed, still-resident heap: VmRSS
+    # did not move). Compared with the resident size now, not with the peak before: the process may
+    # already have freed memory since an earlier, higher peak.
     resident_before = _resident_mb()
-    block = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB, every page touched
+    block = mmap.mmap(-1, 300 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1  # touch every page
     resident_with_block = _resident_mb()
     after = peak_memory_mb(torch.device("cpu"))
-    del block
+    block.close()
     assert resident_with_block - resident_before >= 250, (resident_before, resident_with_block)
     assert after >= resident_with_block - 1, (after, resident_with_block)  # the peak includes the block
     assert peak_memory_mb(torch.device("cpu")) >= after  # a peak never goes down
