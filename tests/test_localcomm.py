@@ -28,6 +28,10 @@ def _collectives(rank: int, world: int) -> dict:
         # Values that differ per rank and per element, in a 2-D shape.
         mine = (torch.arange(6, dtype=torch.float64).view(2, 3) + 10 * rank + 0.1).to(dtype)
         out[f"gather {dtype}"] = group.all_gather(mine)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        # Numbers and tensors laid end to end (SyncBN's [count, mean, var]), bf16 written through torch.
+        parts = [float(rank + 1), torch.full((2,), rank + 0.5, dtype=dtype), 7.5, torch.arange(3, dtype=dtype)]
+        out[f"parts {dtype}"] = group.all_gather_parts(parts, dtype)
     # Sums whose order matters in floating point: the result must still be the same on every rank.
     g = torch.Generator().manual_seed(rank)
     out["sum"] = group.all_reduce_sum(torch.randn(1000, generator=g, dtype=torch.float32) * 1e6)
@@ -49,9 +53,13 @@ def test_gather_and_sum_across_three_ranks():
             for r in range(3):
                 expected = (torch.arange(6, dtype=torch.float64).view(2, 3) + 10 * r + 0.1).to(dtype)
                 assert torch.equal(got[r], expected), (rank, dtype, r)
+            if dtype != torch.int64:
+                rows = res[f"parts {dtype}"]
+                assert rows.dtype == dtype and rows.tolist() == [[r + 1, r + 0.5, r + 0.5, 7.5, 0, 1, 2]
+                                                                 for r in range(3)], (rank, dtype, rows)
         assert res["many"] == [float(3 * k + 3) for k in range(200)]  # (0+k) + (1+k) + (2+k)
         assert res["fits"] == (True, False)
-        assert res["count"] == 4 + 1 + 200
+        assert res["count"] == 4 + 3 + 1 + 200
     # The same bits everywhere, and the sum in rank order.
     expected = sum((torch.randn(1000, generator=torch.Generator().manual_seed(r), dtype=torch.float32) * 1e6
                     for r in range(3)), torch.zeros(1000))
