@@ -162,6 +162,7 @@ class _Descriptor:
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
+        self.thread = threading.get_native_id()  # a forked child inherits it, but names another thread
 
     def __del__(self) -> None:
         os.close(self.fd)
@@ -184,7 +185,7 @@ def _runqueue_s() -> float:
     if _SCHEDSTAT.failed:
         return 0.0
     try:
-        if _SCHEDSTAT.file is None:
+        if _SCHEDSTAT.file is None or _SCHEDSTAT.file.thread != threading.get_native_id():
             _SCHEDSTAT.file = _Descriptor("/proc/thread-self/schedstat")
         return int(os.pread(_SCHEDSTAT.file.fd, 128, 0).split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
