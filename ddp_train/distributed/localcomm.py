@@ -89,7 +89,7 @@ class LocalGroup:
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` (a CPU tensor) fits one slot; the same on every rank for the same shape."""
-        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= SLOT_BYTES
+        return self.fits_numbers(tensor.numel(), tensor)
 
     def fits_numbers(self, count: int, like: torch.Tensor) -> bool:
         """True when ``count`` numbers of ``like``'s dtype (on the CPU) fit one slot."""
@@ -103,7 +103,7 @@ class LocalGroup:
     def all_gather_parts(self, parts: list[torch.Tensor | float], dtype: torch.dtype) -> torch.Tensor:
         """Every rank's ``parts`` laid end to end (1-D CPU tensors of ``dtype``, or numbers), stacked by rank:
         a new ``world_size x total`` tensor; collective. The parts are written straight into this rank's
-        slot (no concatenated copy first); the caller checks that they fit (:meth:`fits`)."""
+        slot (no concatenated copy first); the caller checks that they fit (:meth:`fits_numbers`)."""
         self._seq += 1
         rows, np_rows = self._rows(self._seq % 2, dtype)
         mine = rows[self.rank]
